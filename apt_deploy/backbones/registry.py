@@ -1,0 +1,169 @@
+"""Registry of backbone specs (Optimum's OnnxConfig + TasksManager, timm's @register_model).
+
+A spec owns everything model-family specific: loading from a local directory, where APT / deep
+prompt go, which extra tensors train, input/output names, dynamic axes with min/opt/max shapes,
+a seeded dummy-input factory, export-time patches, and a tiny-model builder for tests. The
+exporter, the trainer, the manifest and the tests all read the spec; nothing else knows a family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from apt_deploy.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_REGISTRY: dict[str, type[BackboneSpec]] = {}
+# Modules that register backbones when imported (kept explicit so the registry test can check it).
+BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt",)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, dtype, axis names (str = dynamic) and min/opt/max shapes."""
+
+    name: str
+    dtype: str
+    axes: tuple[int | str, ...]
+    min_shape: tuple[int, ...]
+    opt_shape: tuple[int, ...]
+    max_shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "axes": list(self.axes),
+            "min_shape": list(self.min_shape),
+            "opt_shape": list(self.opt_shape),
+            "max_shape": list(self.max_shape),
+        }
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place where a method inserts a module: ``key`` names it in checkpoints (``layers.3``)."""
+
+    key: str
+    parent: Any
+    attr: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.parent, self.attr)
+
+    def replace(self, new: nn.Module) -> None:
+        setattr(self.parent, self.attr, new)
+
+
+@dataclass(frozen=True)
+class ShapeSettings:
+    """Shapes a user asks the export to support (dynamic batch always; image fixed unless asked)."""
+
+    batch: tuple[int, int, int] = (1, 1, 8)
+    text_len: int = 40
+    image_size: tuple[int, int] | None = None
+    dynamic_image: bool = False
+    image_range: tuple[int, int] | None = None
+
+
+class BackboneSpec:
+    """Base class; subclasses implement one model family. All methods take the (HF) model."""
+
+    name: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    # --- loading and structure -------------------------------------------------------------
+    def load(self, model_dir: str) -> nn.Module:
+        raise NotImplementedError
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in self.model_classes
+
+    def hidden_size(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def num_layers(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def apt_sites(self, model: nn.Module) -> list[Site]:
+        raise NotImplementedError
+
+    def deep_prompt_sites(self, model: nn.Module) -> list[Site]:
+        raise NotImplementedError
+
+    def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Checkpoint prefix -> module whose parameters train besides the method's own."""
+        return {}
+
+    def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
+        """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""
+
+    def cls_embedding(self, model: nn.Module) -> nn.Parameter | None:
+        """The learned [CLS] embedding inserted by :meth:`insert_cls_embedding`, if any."""
+        return None
+
+    # --- export ----------------------------------------------------------------------------
+    def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:
+        raise NotImplementedError
+
+    def output_names(self, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def dummy_inputs(self, model: nn.Module, specs: list[InputSpec], which: str, seed: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def export_context(self, model: nn.Module) -> Iterator[None]:
+        """Patches that make the model exportable (and that parity runs must share)."""
+        yield
+
+    # --- tests -----------------------------------------------------------------------------
+    def build_tiny(self, seed: int = 0, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError
+
+
+def register_backbone(name: str) -> Callable[[type[BackboneSpec]], type[BackboneSpec]]:
+    """Class decorator: ``@register_backbone("vilt") class ViltSpec(BackboneSpec): ...``."""
+
+    def wrap(cls: type[BackboneSpec]) -> type[BackboneSpec]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _import_all() -> None:
+    for module in BACKBONE_MODULES:
+        importlib.import_module(module)
+
+
+def known_backbones() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    _import_all()
+    if name not in _REGISTRY:
+        raise UnknownNameError("backbone", name, _REGISTRY)
+    return _REGISTRY[name]()
+
+
+def spec_for_model(model: nn.Module) -> BackboneSpec:
+    _import_all()
+    for cls in _REGISTRY.values():
+        spec = cls()
+        if spec.matches(model):
+            return spec
+    known = [f"{n} ({', '.join(c.model_classes)})" for n, c in sorted(_REGISTRY.items())]
+    raise UnknownNameError("model class", type(model).__name__, known)

@@ -1,0 +1,205 @@
+"""ViLT (transformers' ViltModel / ViltForQuestionAnswering): single-stream pre-LN ViT-B/32.
+
+APT placement (official code): one module per block, between the attention output projection and
+its dropout, x_in = LN1 output (the input of the attention sub-layer). All tokens pass through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apt_deploy.backbones.registry import BackboneSpec, InputSpec, ShapeSettings, Site, register_backbone
+from apt_deploy.errors import ConfigError, ExportError, InputPathError
+
+SUPPORTED = ("ViltForQuestionAnswering", "ViltModel")
+
+
+def _core(model: nn.Module) -> nn.Module:
+    return getattr(model, "vilt", model)
+
+
+def static_visual_embed(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, max_image_length: int = 200):
+    """Export-time ViltEmbeddings.visual_embed for unpadded images (pixel_mask all ones).
+
+    The original samples patches in random order with ``multinomial`` and loops in Python; the
+    transformer does not depend on patch order, so logits and pooled outputs agree to float precision
+    (docs/pitfalls.md). Image tokens come out in raster order here.
+    """
+    x = self.patch_embeddings(pixel_values)
+    b, c, h, w = x.shape
+    pd = self.config.image_size // self.config.patch_size
+    pos = self.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, c, pd, pd)
+    if (h, w) != (pd, pd):
+        pos = nn.functional.interpolate(pos, size=(h, w), mode="bilinear", align_corners=True)
+    pos = pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
+    x = x.flatten(2).transpose(1, 2)
+    rows = torch.arange(h, device=x.device).repeat_interleave(w)
+    cols = torch.arange(w, device=x.device).repeat(h)
+    patch_index = torch.stack([rows, cols], -1).unsqueeze(0).expand(b, -1, -1)
+    x = torch.cat((self.cls_token.expand(b, -1, -1), x), 1)
+    pos = torch.cat((self.position_embeddings[:, :1, :].expand(b, -1, -1), pos), 1)
+    x = self.dropout(x + pos)
+    x_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    return x, x_mask, (patch_index, (h, w))
+
+
+class ClsEmbeddingReplacement(nn.Module):
+    """The official recipe's learned replacement of the first text token's embedding ([CLS])."""
+
+    def __init__(self, word_embeddings: nn.Embedding, cls_token_id: int) -> None:
+        super().__init__()
+        self.word_embeddings = word_embeddings
+        self.cls_embedding = nn.Parameter(word_embeddings.weight[cls_token_id].detach().clone())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.word_embeddings(input_ids)
+        first = self.cls_embedding.to(emb.dtype).expand(emb.shape[0], 1, -1)
+        return torch.cat([first, emb[:, 1:]], dim=1)
+
+
+@register_backbone("vilt")
+class ViltSpec(BackboneSpec):
+    model_classes = SUPPORTED
+
+    def load(self, model_dir: str) -> nn.Module:
+        import transformers
+
+        arch = _architecture(Path(model_dir))
+        return getattr(transformers, arch).from_pretrained(model_dir, local_files_only=True).eval()
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(_core(model).encoder.layer)
+
+    def apt_sites(self, model: nn.Module) -> list[Site]:
+        return [Site(f"layers.{i}", layer.attention, "output") for i, layer in enumerate(_core(model).encoder.layer)]
+
+    def deep_prompt_sites(self, model: nn.Module) -> list[Site]:
+        layers = _core(model).encoder.layer
+        return [Site(f"layers.{i}", layers, str(i)) for i in range(len(layers))]
+
+    def deep_prompt_host(self, layer: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+        """(parent of the self-attention, its attribute, the LN1 that feeds it)."""
+        return layer.attention, "attention", layer.layernorm_before
+
+    def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
+        text = _core(model).embeddings.text_embeddings
+        text.word_embeddings = ClsEmbeddingReplacement(text.word_embeddings, cls_token_id)
+
+    def cls_embedding(self, model: nn.Module) -> nn.Parameter | None:
+        emb = _core(model).embeddings.text_embeddings.word_embeddings
+        return emb.cls_embedding if isinstance(emb, ClsEmbeddingReplacement) else None
+
+    def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
+        core = _core(model)
+        extras: dict[str, nn.Module] = {"embeddings.modality_type": core.embeddings.token_type_embeddings}
+        if getattr(core, "pooler", None) is not None:
+            extras["pooler"] = core.pooler
+        if hasattr(model, "classifier"):
+            extras["head"] = model.classifier
+        return extras
+
+    # --- export ----------------------------------------------------------------------------
+    def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:
+        cfg = model.config
+        if shapes.text_len > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"text length {shapes.text_len}",
+                f"at most the model's max_position_embeddings={cfg.max_position_embeddings}",
+                "pass a smaller --text-len",
+            )
+        (bmin, bopt, bmax), t = shapes.batch, shapes.text_len
+        h, w = shapes.image_size or (cfg.image_size, cfg.image_size)
+        lo, hi = shapes.image_range or (min(h, w), max(h, w))
+        hw_axes: tuple[int | str, int | str] = ("height", "width") if shapes.dynamic_image else (h, w)
+        text = [InputSpec(n, "int64", ("batch", t), (bmin, t), (bopt, t), (bmax, t))
+                for n in ("input_ids", "attention_mask", "token_type_ids")]
+        pix = InputSpec("pixel_values", "float32", ("batch", 3, *hw_axes),
+                        (bmin, 3, *(_img(lo, h, w, shapes))), (bopt, 3, h, w), (bmax, 3, *(_img(hi, h, w, shapes))))
+        mask = InputSpec("pixel_mask", "int64", ("batch", *hw_axes), (bmin, *pix.min_shape[2:]),
+                         (bopt, h, w), (bmax, *pix.max_shape[2:]))
+        return [*text, pix, mask]
+
+    def output_names(self, model: nn.Module) -> list[str]:
+        return ["logits"] if hasattr(model, "classifier") else ["last_hidden_state", "pooler_output"]
+
+    def dummy_inputs(self, model: nn.Module, specs: list[InputSpec], which: str, seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        shapes = {s.name: getattr(s, f"{which}_shape") for s in specs}
+        b, t = shapes["input_ids"]
+        ids = torch.randint(1, model.config.vocab_size, (b, t), generator=g)
+        lengths = torch.randint(max(1, t // 2), t + 1, (b,), generator=g)
+        lengths[0] = t  # at least one row without padding
+        mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+        return {
+            "input_ids": ids * mask,
+            "attention_mask": mask,
+            "token_type_ids": torch.zeros(b, t, dtype=torch.long),
+            "pixel_values": torch.randn(shapes["pixel_values"], generator=g),
+            "pixel_mask": torch.ones(shapes["pixel_mask"], dtype=torch.long),
+        }
+
+    def check_export_shapes(self, model: nn.Module, specs: list[InputSpec]) -> None:
+        cfg, (h, w) = model.config, next(s.max_shape[2:] for s in specs if s.name == "pixel_values")
+        patches = (h // cfg.patch_size) * (w // cfg.patch_size)
+        if cfg.max_image_length is not None and 0 < cfg.max_image_length < patches:
+            raise ExportError(
+                f"model config max_image_length={cfg.max_image_length} is below the {patches} patches of a {h}x{w} image, "
+                "so ViLT would randomly subsample patches at inference",
+                "max_image_length <= 0 or >= the patch count",
+                "export a smaller image size, or set max_image_length=-1 in the model's config.json",
+            )
+
+    @contextlib.contextmanager
+    def export_context(self, model: nn.Module) -> Iterator[None]:
+        emb = _core(model).embeddings
+        emb.visual_embed = types.MethodType(static_visual_embed, emb)
+        try:
+            yield
+        finally:
+            del emb.visual_embed
+
+    # --- tests -----------------------------------------------------------------------------
+    def build_tiny(self, seed: int = 0, **kwargs: Any) -> nn.Module:
+        from transformers import ViltConfig, ViltForQuestionAnswering, ViltModel
+
+        num_labels = kwargs.pop("num_labels", 10)
+        head = kwargs.pop("head", True)
+        cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   vocab_size=128, max_position_embeddings=16, image_size=32, patch_size=16, max_image_length=-1)
+        cfg.update(kwargs)
+        labels = {i: f"answer_{i}" for i in range(num_labels)}
+        config = ViltConfig(**cfg, num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(config) if head else ViltModel(config)
+        return model.eval()
+
+
+def _img(side: int, h: int, w: int, shapes: ShapeSettings) -> tuple[int, int]:
+    return (side, side) if shapes.dynamic_image else (h, w)
+
+
+def _architecture(model_dir: Path) -> str:
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise InputPathError(f"model directory {str(model_dir)!r} does not exist",
+                             "a local directory written by save_pretrained (config.json + weights)",
+                             "check the path; no model hub is contacted")
+    if not config_path.is_file():
+        raise InputPathError(f"{str(model_dir)!r} has no config.json", "a directory written by save_pretrained",
+                             "point --model at the directory that holds config.json")
+    archs = json.loads(config_path.read_text()).get("architectures") or ["ViltModel"]
+    if archs[0] not in SUPPORTED:
+        raise ConfigError(f"model architecture {archs[0]!r}", f"one of {', '.join(SUPPORTED)}",
+                          "convert the checkpoint to a supported ViLT head")
+    return archs[0]

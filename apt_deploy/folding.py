@@ -1,0 +1,89 @@
+"""Folding: training form -> inference form, as a list of passes with one signature.
+
+Each pass takes the (copied) model and its backbone spec, rewrites it in place and returns how many
+sites it folded. ``fold`` runs them all on a deep copy; the original model is untouched. Every pass
+has an equivalence test on a seeded tiny model (tests/test_folding.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from apt_deploy.backbones import BackboneSpec, get_backbone
+from apt_deploy.errors import ConfigError
+from apt_deploy.methods.apt import APTOutputProjection, FoldedOutputProjection
+from apt_deploy.methods.deep_prompt import DeepPromptLayer, PrefixKVSelfAttention, prefix_kv
+
+log = logging.getLogger(__name__)
+FoldPass = Callable[[nn.Module, BackboneSpec], int]
+
+
+def fold_apt_modules(model: nn.Module, spec: BackboneSpec) -> int:
+    """APT -> constants K, V and the fused op; e^s folded into the output projection (W_o, b_o)."""
+    folded = 0
+    for site in spec.apt_sites(model):
+        host = site.module
+        if not isinstance(host, APTOutputProjection):
+            continue
+        k, v, scale = host.apt.folded_constants()
+        dense = copy.deepcopy(host.dense)
+        with torch.no_grad():
+            dense.weight.mul_(scale)
+            if dense.bias is not None:
+                dense.bias.mul_(scale)
+        site.replace(FoldedOutputProjection(dense, host.dropout, k, v))
+        folded += 1
+    return folded
+
+
+def fold_deep_prompt(model: nn.Module, spec: BackboneSpec) -> int:
+    """Deep prompt -> per-layer prefix K/V constants (no prompt token recomputed per input)."""
+    folded = 0
+    for site in spec.deep_prompt_sites(model):
+        wrapper = site.module
+        if not isinstance(wrapper, DeepPromptLayer):
+            continue
+        layer = wrapper.layer
+        parent, attr, layernorm = spec.deep_prompt_host(layer)
+        attn = getattr(parent, attr)
+        k, v = prefix_kv(attn, layernorm, wrapper.prompt)
+        setattr(parent, attr, PrefixKVSelfAttention(attn, k, v))
+        site.replace(layer)
+        folded += 1
+    return folded
+
+
+def freeze_for_inference(model: nn.Module, spec: BackboneSpec) -> int:
+    """Dropout off, no gradients."""
+    model.eval().requires_grad_(False)
+    return 0
+
+
+# The passes each method needs, in order.
+FOLD_PASSES: dict[str, tuple[FoldPass, ...]] = {
+    "apt": (fold_apt_modules, freeze_for_inference),
+    "deep_prompt": (fold_deep_prompt, freeze_for_inference),
+}
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Return the inference form of a model with a method applied; ``model`` itself is untouched."""
+    state = getattr(model, "apt_deploy_state", None)
+    if state is None:
+        raise ConfigError("fold() got a model with no prompt method applied",
+                          "a model returned by apply_apt / apply_deep_prompt / load_prompts",
+                          "apply or load a method first")
+    spec = get_backbone(state.backbone)
+    out = copy.deepcopy(model)
+    for fold_pass in FOLD_PASSES[state.method]:
+        n = fold_pass(out, spec)
+        if n:
+            log.info("fold pass %s: %d sites", fold_pass.__name__, n)
+    out.apt_deploy_state = dataclasses.replace(state, folded=True)
+    return out

@@ -1,0 +1,1 @@
+"""Prompt-tuning methods in their training form (plain ``torch.nn`` modules)."""

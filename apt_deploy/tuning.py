@@ -1,0 +1,103 @@
+"""Insert a method into a model: ``apply_apt`` and ``apply_deep_prompt``.
+
+Both freeze the model, insert one trainable module per site (the backbone spec says where), unfreeze
+the official recipe's extras (task head, pooler, modality-type embeddings, learned [CLS] embedding)
+and record what was done in ``model.apt_deploy_state`` for save / fold / export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from apt_deploy.backbones import BackboneSpec, spec_for_model
+from apt_deploy.errors import ConfigError
+from apt_deploy.methods.apt import APTConfig, APTModule, APTOutputProjection
+from apt_deploy.methods.deep_prompt import DeepPromptLayer
+
+log = logging.getLogger(__name__)
+METHODS = ("apt", "deep_prompt")
+
+
+@dataclass
+class MethodState:
+    """What a method did to a model (stored on it as ``apt_deploy_state``)."""
+
+    method: str
+    config: APTConfig
+    backbone: str
+    base_fingerprint: str
+    folded: bool = False
+
+
+def base_fingerprint(model: nn.Module, spec: BackboneSpec) -> str:
+    """sha256 over the frozen base weights (names, dtypes, shapes, bytes), excluding trained extras."""
+    skip = {id(p) for m in spec.trainable_extras(model).values() for p in m.parameters()}
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        if id(t) in skip:
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def apply_apt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
+    """Insert one APT module per attention sub-layer (specs/apt.md placement); freeze the rest. In place."""
+    config = config or APTConfig()
+    spec = _prepare(model, config)
+    d = spec.hidden_size(model)
+    for site in spec.apt_sites(model):
+        host = site.module
+        site.replace(APTOutputProjection(host.dense, host.dropout, APTModule(d, config)))
+    _finish(model, spec, config, "apt")
+    return model
+
+
+def apply_deep_prompt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
+    """Deep prompt tuning baseline: ``config.prompt_len`` fresh tokens per layer (rank is unused). In place."""
+    config = config or APTConfig(method="deep_prompt")
+    spec = _prepare(model, config)
+    d = spec.hidden_size(model)
+    for site in spec.deep_prompt_sites(model):
+        site.replace(DeepPromptLayer(site.module, config.prompt_len, d, config.init_std))
+    _finish(model, spec, config, "deep_prompt")
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _prepare(model: nn.Module, config: APTConfig) -> BackboneSpec:
+    if getattr(model, "apt_deploy_state", None) is not None:
+        raise ConfigError("this model already has a prompt method applied",
+                          "a plain backbone model", "load a fresh model before applying a method")
+    spec = spec_for_model(model)
+    vocab = getattr(model.config, "vocab_size", None)
+    if config.cls_token_id is not None and vocab is not None and not 0 <= config.cls_token_id < vocab:
+        raise ConfigError(f"cls_token_id={config.cls_token_id} outside the vocabulary of {vocab} tokens",
+                          "the tokenizer's [CLS] id", "set APTConfig(cls_token_id=tokenizer.cls_token_id) or None")
+    model.apt_deploy_state = None
+    fingerprint = base_fingerprint(model, spec)
+    model.requires_grad_(False)
+    model._pending_fingerprint = fingerprint
+    return spec
+
+
+def _finish(model: nn.Module, spec: BackboneSpec, config: APTConfig, method: str) -> None:
+    if config.train_head:
+        for module in spec.trainable_extras(model).values():
+            module.requires_grad_(True)
+    if config.cls_token_id is not None:
+        spec.insert_cls_embedding(model, config.cls_token_id)
+    for mod in model.modules():
+        if isinstance(mod, (APTModule, DeepPromptLayer)):
+            for name, p in mod.named_parameters(recurse=False):
+                p.requires_grad_(name != "log_scale" or config.train_log_scale)
+    model.apt_deploy_state = MethodState(method, config, spec.name, model.__dict__.pop("_pending_fingerprint"))
+    log.info("applied %s to %s: %d trainable parameters", method, spec.name, trainable_parameters(model))

@@ -1,0 +1,138 @@
+"""One runner interface for every backend (Polygraphy's BaseRunner idea, kept minimal).
+
+A runner is built lazily from a loader-like description, activated (session/engine created), fed
+``dict[name, np.ndarray]`` and returns ``dict[name, np.ndarray]``. The comparator and the benchmark
+know only this interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apt_deploy.errors import ConfigError, InputPathError
+
+log = logging.getLogger(__name__)
+Feed = Mapping[str, np.ndarray]
+
+
+class Runner(ABC):
+    """Base runner: ``with runner: outputs = runner.infer(feed)``."""
+
+    name: str = "runner"
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:  # noqa: B027 - optional hook
+        """Create sessions / engines. Idempotent."""
+
+    def deactivate(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abstractmethod
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        """Run once; inputs and outputs are host numpy arrays."""
+
+    def synchronize(self) -> None:  # noqa: B027 - device runners wait for the device here
+        """Block until queued work is done (for timing)."""
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime session over a model file (the function body of the fused op runs unchanged)."""
+
+    def __init__(self, model_path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 threads: int | None = None, name: str | None = None) -> None:
+        self.model_path, self.providers, self.threads = Path(model_path), providers, threads
+        self.name = name or f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in providers)}]"
+        self._session: Any = None
+
+    def activate(self) -> None:
+        if self._session is not None:
+            return
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise InputPathError(f"ONNX model {str(self.model_path)!r} does not exist", "an exported model.onnx")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        t0 = time.perf_counter()
+        self._session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
+        got = self._session.get_providers()
+        if got[0] != self.providers[0]:
+            raise ConfigError(f"ONNX Runtime fell back to {got} instead of {list(self.providers)}",
+                              f"the provider {self.providers[0]} to be usable", "install the matching onnxruntime build")
+        log.info("ONNX Runtime session for %s in %.2f s (%s)", self.model_path.name, time.perf_counter() - t0, got[0])
+
+    def deactivate(self) -> None:
+        self._session = None
+
+    @property
+    def input_names(self) -> list[str]:
+        self.activate()
+        return [i.name for i in self._session.get_inputs()]
+
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        self.activate()
+        names = [o.name for o in self._session.get_outputs()]
+        wanted = {k: v for k, v in feed.items() if k in set(self.input_names)}
+        return dict(zip(names, self._session.run(names, wanted)))
+
+
+class CallableRunner(Runner):
+    """Wraps a Python callable ``feed -> outputs`` (used for PyTorch models and test doubles)."""
+
+    def __init__(self, fn: Callable[[Feed], dict[str, np.ndarray]], name: str) -> None:
+        self.fn, self.name = fn, name
+
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        return self.fn(feed)
+
+
+# Backend name -> factory(model_dir) -> Runner. Other backends (trt, torch-cuda) register here.
+BACKENDS: dict[str, Callable[..., Runner]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[..., Runner]], Callable[..., Runner]]:
+    def wrap(factory: Callable[..., Runner]) -> Callable[..., Runner]:
+        BACKENDS[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_backend("onnxruntime")
+def _ort_backend(artifact_dir: str | Path, **kwargs: Any) -> Runner:
+    return OnnxRuntimeRunner(Path(artifact_dir) / "model.onnx", threads=kwargs.get("threads"))
+
+
+def make_runner(backend: str, artifact_dir: str | Path, **kwargs: Any) -> Runner:
+    """Build a runner for an exported artifact directory."""
+    from apt_deploy.errors import UnknownNameError
+
+    _load_optional_backends()
+    if backend not in BACKENDS:
+        raise UnknownNameError("backend", backend, BACKENDS)
+    return BACKENDS[backend](artifact_dir, **kwargs)
+
+
+OPTIONAL_BACKEND_MODULES: tuple[str, ...] = ()
+
+
+def _load_optional_backends() -> None:
+    import importlib
+
+    for module in OPTIONAL_BACKEND_MODULES:
+        importlib.import_module(module)
