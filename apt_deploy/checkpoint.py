@@ -19,7 +19,7 @@ from torch import nn
 from apt_deploy.backbones import BackboneSpec, get_backbone, spec_for_model
 from apt_deploy.errors import CheckpointError, ConfigError, InputPathError
 from apt_deploy.fileio import atomic_directory, write_json_atomic
-from apt_deploy.methods.apt import APTConfig, APTOutputProjection
+from apt_deploy.methods.apt import APTConfig, is_apt_host
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
 from apt_deploy.tuning import apply_apt, apply_deep_prompt, base_fingerprint
 
@@ -37,7 +37,7 @@ def trained_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     sites = spec.apt_sites(model) if state.method == "apt" else spec.deep_prompt_sites(model)
     for site in sites:
         module = site.module
-        if isinstance(module, APTOutputProjection):
+        if is_apt_host(module):
             for name in ("prompt", "down", "up", "log_scale"):
                 out[f"{site.key}.{name}"] = getattr(module.apt, name)
         elif isinstance(module, DeepPromptLayer):
@@ -45,9 +45,7 @@ def trained_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     if state.config.train_head:
         for prefix, module in spec.trainable_extras(model).items():
             out.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
-    cls = spec.cls_embedding(model)
-    if cls is not None:
-        out["text.cls_embedding"] = cls
+    out.update(spec.method_tensors(model))
     return out
 
 

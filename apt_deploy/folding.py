@@ -17,7 +17,7 @@ from torch import nn
 
 from apt_deploy.backbones import BackboneSpec, get_backbone
 from apt_deploy.errors import ConfigError
-from apt_deploy.methods.apt import APTOutputProjection, FoldedOutputProjection
+from apt_deploy.methods.apt import is_apt_host
 from apt_deploy.methods.deep_prompt import DeepPromptLayer, PrefixKVSelfAttention, prefix_kv
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,9 @@ def fold_apt_modules(model: nn.Module, spec: BackboneSpec) -> int:
     """APT -> constants K, V and the fused op; e^s folded into the output projection (W_o, b_o)."""
     folded = 0
     for site in spec.apt_sites(model):
-        host = site.module
-        if not isinstance(host, APTOutputProjection):
-            continue
-        k, v, scale = host.apt.folded_constants()
-        dense = copy.deepcopy(host.dense)
-        with torch.no_grad():
-            dense.weight.mul_(scale)
-            if dense.bias is not None:
-                dense.bias.mul_(scale)
-        site.replace(FoldedOutputProjection(dense, host.dropout, k, v))
-        folded += 1
+        if is_apt_host(site.module):
+            site.replace(site.module.fold_apt())
+            folded += 1
     return folded
 
 

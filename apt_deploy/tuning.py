@@ -16,7 +16,7 @@ from torch import nn
 
 from apt_deploy.backbones import BackboneSpec, spec_for_model
 from apt_deploy.errors import ConfigError
-from apt_deploy.methods.apt import APTConfig, APTModule, APTOutputProjection
+from apt_deploy.methods.apt import APTConfig, APTModule
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def apply_apt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
     spec = _prepare(model, config)
     d = spec.hidden_size(model)
     for site in spec.apt_sites(model):
-        host = site.module
-        site.replace(APTOutputProjection(host.dense, host.dropout, APTModule(d, config)))
+        site.replace(spec.wrap_apt(site.module, APTModule(d, config)))
     _finish(model, spec, config, "apt")
     return model
 

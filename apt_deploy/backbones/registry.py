@@ -100,16 +100,26 @@ class BackboneSpec:
     def deep_prompt_sites(self, model: nn.Module) -> list[Site]:
         raise NotImplementedError
 
+    def wrap_apt(self, host: nn.Module, apt: nn.Module) -> nn.Module:
+        """Wrap the module at an APT site. Default: a BERT-style self-output (dense, dropout)."""
+        from apt_deploy.methods.apt import APTOutputProjection
+
+        return APTOutputProjection(host.dense, host.dropout, apt)
+
+    def method_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Trained tensors owned by the backbone glue (e.g. ViLT's learned [CLS] embedding), by checkpoint name."""
+        return {}
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The module to export / compare (default: the model itself; CLIP: image tower + class GEMM)."""
+        return model
+
     def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
         """Checkpoint prefix -> module whose parameters train besides the method's own."""
         return {}
 
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""
-
-    def cls_embedding(self, model: nn.Module) -> nn.Parameter | None:
-        """The learned [CLS] embedding inserted by :meth:`insert_cls_embedding`, if any."""
-        return None
 
     # --- export ----------------------------------------------------------------------------
     def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:

@@ -96,9 +96,9 @@ class ViltSpec(BackboneSpec):
         text = _core(model).embeddings.text_embeddings
         text.word_embeddings = ClsEmbeddingReplacement(text.word_embeddings, cls_token_id)
 
-    def cls_embedding(self, model: nn.Module) -> nn.Parameter | None:
+    def method_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         emb = _core(model).embeddings.text_embeddings.word_embeddings
-        return emb.cls_embedding if isinstance(emb, ClsEmbeddingReplacement) else None
+        return {"text.cls_embedding": emb.cls_embedding} if isinstance(emb, ClsEmbeddingReplacement) else {}
 
     def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
         core = _core(model)

@@ -79,6 +79,11 @@ class APTOutputProjection(nn.Module):
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.apt(input_tensor, self.dense(hidden_states)))
 
+    def fold_apt(self) -> nn.Module:
+        """The inference form (every APT host wrapper implements ``fold_apt``)."""
+        k, v, scale = self.apt.folded_constants()
+        return FoldedOutputProjection(scaled_linear(self.dense, scale), self.dropout, k, v)
+
 
 class FoldedOutputProjection(nn.Module):
     """Inference form of :class:`APTOutputProjection`: e^s folded into ``dense``, the fused op after it."""
@@ -94,6 +99,23 @@ class FoldedOutputProjection(nn.Module):
 
         o = self.dense(hidden_states)
         return self.dropout(torch.ops.apt.approx_prompt_diffusion(input_tensor, o, self.k, self.v))
+
+
+def scaled_linear(linear: nn.Linear, scale: torch.Tensor) -> nn.Linear:
+    """A copy of ``linear`` with weight and bias multiplied by ``scale`` (folds e^s into W_o, b_o)."""
+    import copy
+
+    out = copy.deepcopy(linear)
+    with torch.no_grad():
+        out.weight.mul_(scale)
+        if out.bias is not None:
+            out.bias.mul_(scale)
+    return out
+
+
+def is_apt_host(module: nn.Module) -> bool:
+    """True for any wrapper that hosts an :class:`APTModule` as ``.apt`` and can fold itself."""
+    return isinstance(getattr(module, "apt", None), APTModule) and hasattr(module, "fold_apt")
 
 
 def count_parameters(hidden_size: int, config: APTConfig) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from apt_deploy.cli import main
+
+sys.exit(main())
