@@ -110,6 +110,10 @@ class BackboneSpec:
         """Trained tensors owned by the backbone glue (e.g. ViLT's learned [CLS] embedding), by checkpoint name."""
         return {}
 
+    def manifest_extras(self, model: nn.Module) -> dict[str, Any]:
+        """Backbone-specific manifest fields (CLIP: ``class_names`` in logit order)."""
+        return {}
+
     def export_module(self, model: nn.Module) -> nn.Module:
         """The module to export / compare (default: the model itself; CLIP: image tower + class GEMM)."""
         return model
