@@ -135,6 +135,15 @@ class BackboneSpec:
     def dummy_inputs(self, model: nn.Module, specs: list[InputSpec], which: str, seed: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def check_export_shapes(self, model: nn.Module, specs: list[InputSpec]) -> None:
+        """Raise a clear error when the model cannot be exported at these shapes (default: nothing to check)."""
+
+    def dynamic_dim(self, model: nn.Module, axis: str, low: int, high: int) -> Any:
+        """The torch.export Dim for a named dynamic axis."""
+        from torch.export import Dim
+
+        return Dim(axis, min=low, max=high)
+
     @contextlib.contextmanager
     def export_context(self, model: nn.Module) -> Iterator[None]:
         """Patches that make the model exportable (and that parity runs must share)."""

@@ -160,6 +160,15 @@ class ViltSpec(BackboneSpec):
                 "export a smaller image size, or set max_image_length=-1 in the model's config.json",
             )
 
+    def dynamic_dim(self, model: nn.Module, axis: str, low: int, high: int) -> Any:
+        """Image height/width are multiples of the patch size (ViLT's conv floors the rest away)."""
+        from torch.export import Dim
+
+        if axis in ("height", "width"):
+            patch = model.config.patch_size
+            return patch * Dim(f"{axis}_patches", min=max(1, low // patch), max=high // patch)
+        return Dim(axis, min=low, max=high)
+
     @contextlib.contextmanager
     def export_context(self, model: nn.Module) -> Iterator[None]:
         emb = _core(model).embeddings

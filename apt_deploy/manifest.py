@@ -1,0 +1,69 @@
+"""``manifest.json``: the hand-off between exporting and running (pure Python).
+
+An engine, a server configuration or a benchmark is derived from the artifact directory alone:
+``model.onnx`` (+ ``model.onnx.data``) and this manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from apt_deploy.errors import CheckpointError, InputPathError
+from apt_deploy.fileio import write_json_atomic
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME, MODEL_NAME = "manifest.json", "model.onnx"
+VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "tensorrt", "triton")
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages that shape an artifact (absent ones omitted)."""
+    from apt_deploy import __version__
+
+    out = {"apt_deploy": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    write_json_atomic(path, manifest)
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read and sanity-check an artifact's manifest."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise InputPathError(f"artifact directory {str(d)!r} does not exist",
+                             "a directory written by `apt-deploy export`", "check the path")
+    path = d / MANIFEST_NAME
+    if not path.is_file():
+        raise InputPathError(f"{str(d)!r} has no {MANIFEST_NAME}", "a directory written by `apt-deploy export`",
+                             "re-run apt-deploy export")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "the manifest written by apt-deploy export") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"manifest schema_version={manifest.get('schema_version')!r}", f"{SCHEMA_VERSION}",
+                              "re-export the artifact with this version of apt-deploy")
+    return manifest
+
+
+def input_shapes(manifest: dict[str, Any], which: str = "opt") -> dict[str, tuple[int, ...]]:
+    """name -> the ``min``/``opt``/``max`` shape of every input."""
+    return {i["name"]: tuple(i[f"{which}_shape"]) for i in manifest["inputs"]}
