@@ -129,6 +129,11 @@ def _check_compatible(model: nn.Module, spec: BackboneSpec, cfg: dict[str, Any])
         if cfg[key] != actual:
             raise CheckpointError(f"prompts have {key}={cfg[key]} but the model has {key}={actual}",
                                   "the base model the prompts were trained on", "pass the matching --model")
+    labels, model_labels = cfg.get("labels"), getattr(model.config, "num_labels", None)
+    if labels is not None and hasattr(model, "classifier") and len(labels) != model_labels:
+        raise CheckpointError(f"prompts were trained with {len(labels)} answer labels but the model has {model_labels}",
+                              "the base model the prompts were trained on (same answer vocabulary)",
+                              "pass the matching --model")
     fp = cfg.get("base_fingerprint")
     if fp and fp != base_fingerprint(model, spec):
         raise CheckpointError("the model's base weights do not match the fingerprint stored with the prompts",

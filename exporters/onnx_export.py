@@ -44,11 +44,12 @@ def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSetti
     state = _method_state(model)
     spec = get_backbone(state.backbone)
     folded = fold(model) if fold_first and not state.folded else model
-    module = _cast(spec.export_module(folded), settings.dtype)
+    cast = _cast(folded, settings.dtype)
+    module = spec.export_module(cast)
     specs = _input_specs(spec, folded, settings)
     with atomic_directory(out_dir, overwrite=settings.overwrite) as stage:
         with timed_step(f"export {spec.name}/{state.method} to ONNX"):
-            onnx_path = export_onnx(module, spec, folded, specs, stage / MODEL_NAME, settings)
+            onnx_path = export_onnx(module, spec, cast, specs, stage / MODEL_NAME, settings)
         manifest = build_manifest(spec, folded, state, specs, onnx_path, settings, source)
         if settings.validate:
             from exporters.validate import validate_export
@@ -62,7 +63,8 @@ def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSetti
 
 def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: list[InputSpec],
                 path: Path, settings: ExportSettings) -> Path:
-    """torch.onnx.export (dynamo) with the fused op as an opaque node, then the function attached."""
+    """torch.onnx.export (dynamo) with the fused op as an opaque node, then the function attached.
+    ``model`` is the (cast) HF model ``module`` was derived from; the spec's export patches apply to it."""
     example = cast_feed(spec.dummy_inputs(model, specs, "opt", settings.seed), settings.dtype)
     names = [s.name for s in specs]
     with torch.no_grad(), spec.export_context(model), warnings.catch_warnings():

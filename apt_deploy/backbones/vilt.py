@@ -37,8 +37,9 @@ def static_visual_embed(self: nn.Module, pixel_values: torch.Tensor, pixel_mask:
     b, c, h, w = x.shape
     pd = self.config.image_size // self.config.patch_size
     pos = self.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, c, pd, pd)
-    if (h, w) != (pd, pd):
-        pos = nn.functional.interpolate(pos, size=(h, w), mode="bilinear", align_corners=True)
+    # Always interpolate, as the original does (identity at the native size): a Python branch on (h, w)
+    # would be specialised away by torch.export and break dynamic image sizes (docs/pitfalls.md).
+    pos = nn.functional.interpolate(pos, size=(h, w), mode="bilinear", align_corners=True)
     pos = pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
     x = x.flatten(2).transpose(1, 2)
     rows = torch.arange(h, device=x.device).repeat_interleave(w)

@@ -1,0 +1,74 @@
+"""Shared fixtures: seeded tiny models, their directories, and one exported artifact per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("APT_DEPLOY_NO_PROGRESS", "1")
+
+
+def randomize_method(model, seed: int = 0) -> None:
+    """Give every trained tensor non-trivial values (fresh APT has up=0 and log_scale=0, which would make
+    K == P and e^s == 1 and hide folding mistakes)."""
+    import torch
+
+    from apt_deploy.checkpoint import trained_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in trained_tensors(model).items():
+            if name.endswith(".log_scale"):
+                p.fill_(0.25)
+            elif name.endswith(".up") or name.endswith(".prompt"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def tiny_method_model(method: str = "apt", seed: int = 0, prompt_len: int = 6, rank: int = 2, **tiny):
+    import apt_deploy as ad
+    from apt_deploy.backbones import get_backbone
+
+    model = get_backbone("vilt").build_tiny(seed=seed, **tiny)
+    config = ad.APTConfig(prompt_len=prompt_len, rank=rank, method=method)
+    (ad.apply_apt if method == "apt" else ad.apply_deep_prompt)(model, config)
+    randomize_method(model, seed)
+    return model
+
+
+@pytest.fixture
+def apt_model():
+    return tiny_method_model("apt")
+
+
+@pytest.fixture
+def deep_model():
+    return tiny_method_model("deep_prompt")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny base model and APT / deep-prompt checkpoints trained (randomized) on it."""
+    from apt_deploy import save_prompts
+    from apt_deploy.backbones import get_backbone
+
+    root = tmp_path_factory.mktemp("tiny")
+    get_backbone("vilt").build_tiny(seed=0).save_pretrained(root / "model")
+    for method in ("apt", "deep_prompt"):
+        save_prompts(tiny_method_model(method), root / f"prompts_{method}")
+    return {"root": root, "model": root / "model", "apt": root / "prompts_apt", "deep_prompt": root / "prompts_deep_prompt"}
+
+
+@pytest.fixture(scope="session")
+def apt_artifact(tiny_dirs) -> Path:
+    """One exported APT artifact for the session (export costs seconds)."""
+    from apt_deploy.pipeline import load_trained
+    from apt_deploy.settings import ExportSettings
+    from exporters.onnx_export import export_artifact
+
+    model = load_trained(tiny_dirs["model"], tiny_dirs["apt"])
+    source = {"model_dir": str(tiny_dirs["model"]), "prompts_dir": str(tiny_dirs["apt"])}
+    return export_artifact(model, tiny_dirs["root"] / "artifact_apt", ExportSettings(batch_max=4), source=source)
