@@ -6,7 +6,7 @@ Never used in assertions: speed is measured by benchmark commands that write JSO
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -14,9 +14,9 @@ from engines.runners import Feed, Runner
 
 
 def time_interleaved(runners: Sequence[Runner], feeds: Sequence[Feed], iterations: int, warmup: int = 3,
-                     on_round=None) -> list[list[float]]:
+                     on_round=None, clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
     """Seconds per call for each runner; runner i gets ``feeds[i]``. Order rotates every round so no
-    runner is always first after the others."""
+    runner is always first after the others. ``clock`` is injectable so tests can use a fake one."""
     for runner, feed in zip(runners, feeds):
         for _ in range(warmup):
             runner.infer(feed)
@@ -25,10 +25,10 @@ def time_interleaved(runners: Sequence[Runner], feeds: Sequence[Feed], iteration
     order = list(range(len(runners)))
     for r in range(iterations):
         for i in order[r % len(order):] + order[: r % len(order)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             runners[i].infer(feeds[i])
             runners[i].synchronize()
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(clock() - t0)
         if on_round:
             on_round(r)
     return times

@@ -1,0 +1,124 @@
+"""The main job on a built-in default: train APT on a synthetic VQA task, fold, export, validate, time.
+
+No network and no GPU. The ViLT is randomly initialised (no pretrained weights are reachable), so
+accuracies show that the pipeline learns, not what APT achieves on a pretrained ViLT.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: str = "apt-deploy-demo"
+    steps: int = 300
+    batch_size: int = 32
+    num_train: int = 2000
+    num_test: int = 500
+    prompt_len: int = 50  # the official code's default; the published ViLT-B runs use 200 at d=768
+    rank: int = 4
+    latency_iterations: int = 100
+    seed: int = 0
+
+
+def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:
+    """Steps 1-6 below; returns the summary (also written to WORKDIR/summary.json)."""
+    from apt_deploy.fileio import write_json_atomic
+
+    work = Path(settings.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    log.warning("Demo ViLT is RANDOMLY INITIALISED: no pretrained weights are reachable here. Accuracies show the "
+                "pipeline learns; they say nothing about APT on a pretrained ViLT.")
+    data, base_dir = _data_and_base_model(work, settings)                       # 1. data + base checkpoint
+    summary: dict[str, Any] = {"settings": asdict(settings)}
+    prompts_dir = _train(base_dir, data, work, settings, summary)               # 2-3. apply APT, train, save
+    artifact, base_artifact = _export(base_dir, prompts_dir, work, summary)     # 4-5. fold, export, validate
+    summary["latency"] = _latency(base_artifact, artifact, settings)            # 6. ORT latency, interleaved
+    write_json_atomic(work / "summary.json", summary)
+    return summary
+
+
+def _data_and_base_model(work: Path, settings: DemoSettings):
+    from apt_deploy.data.synthetic_vqa import build_synthetic_vqa
+    from apt_deploy.progress import timed_step
+    from apt_deploy.tiny import demo_vilt_config, save_tiny_vilt
+
+    cfg = demo_vilt_config()
+    with timed_step("build the synthetic VQA task and a random-init ViLT"):
+        data = build_synthetic_vqa(settings.num_train, settings.num_test, image_size=cfg["image_size"],
+                                   text_len=cfg["max_position_embeddings"], seed=settings.seed,
+                                   patch_size=cfg["patch_size"])
+        base_dir = save_tiny_vilt(work / "base_model", seed=settings.seed, answers=data.answers, overwrite=True, **cfg)
+    return data, base_dir
+
+
+def _train(base_dir: Path, data: Any, work: Path, settings: DemoSettings, summary: dict[str, Any]) -> Path:
+    import apt_deploy as ad
+    from apt_deploy.settings import TrainSettings
+    from apt_deploy.training import evaluate, train
+
+    model = ad.get_backbone("vilt").load(str(base_dir))
+    total = sum(p.numel() for p in model.parameters())
+    config = ad.APTConfig(prompt_len=settings.prompt_len, rank=settings.rank, cls_token_id=data.tokenizer.cls_token_id)
+    ad.apply_apt(model, config)
+    before = evaluate(model, data.test)
+    result = train(model, data.train, TrainSettings(steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed))
+    summary["training"] = {"backbone_parameters": total, "trainable_parameters": ad.trainable_parameters(model),
+                           "apt_parameters": sum(p.numel() for n, p in model.named_parameters() if ".apt." in n),
+                           "accuracy_before": before, "accuracy_after": evaluate(model, data.test),
+                           "loss_first": result.mean_loss(first=True), "loss_last": result.mean_loss(),
+                           "steps": result.steps, "seconds": result.seconds}
+    return ad.save_prompts(model, work / "prompts", overwrite=True)
+
+
+def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
+    import json
+
+    import apt_deploy as ad
+    from apt_deploy.pipeline import load_trained
+    from apt_deploy.settings import ExportSettings
+    from exporters.onnx_export import export_artifact
+
+    settings = ExportSettings(batch_max=8, overwrite=True)
+    source = {"model_dir": str(base_dir.resolve()), "prompts_dir": str(prompts_dir.resolve())}
+    artifact = export_artifact(load_trained(base_dir, prompts_dir), work / "artifact", settings, source=source)
+    base = export_artifact(ad.get_backbone("vilt").load(str(base_dir)), work / "artifact_base", settings)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    summary["export"] = {"artifact": str(artifact), "fused_nodes": manifest["fused_op"]["count"],
+                         "onnx_bytes": _size(artifact), "base_onnx_bytes": _size(base),
+                         "validation": manifest["validation"]}
+    return artifact, base
+
+
+def _latency(base: Path, artifact: Path, settings: DemoSettings) -> dict[str, Any]:
+    from engines.runners import OnnxRuntimeRunner
+    from engines.timing import ratio_table, summarize, time_interleaved
+    from apt_deploy.progress import timed_step
+
+    feed = _feed_from_manifest(artifact)
+    runners = [OnnxRuntimeRunner(base / "model.onnx", name="base"), OnnxRuntimeRunner(artifact / "model.onnx", name="apt")]
+    with timed_step(f"ONNX Runtime latency, base vs APT interleaved, {settings.latency_iterations} iterations"):
+        times = time_interleaved(runners, [feed, feed], settings.latency_iterations, warmup=5)
+    stats = {r.name: summarize(t) for r, t in zip(runners, times)}
+    return {"batch": 1, "stats": stats, "p50_ratio": ratio_table(stats)}
+
+
+def _feed_from_manifest(artifact: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from apt_deploy.manifest import input_shapes, read_manifest
+
+    rng = np.random.default_rng(0)
+    shapes = input_shapes(read_manifest(artifact), "min")
+    return {name: (rng.standard_normal(shape).astype(np.float32) if name == "pixel_values" else np.ones(shape, np.int64))
+            for name, shape in shapes.items()}
+
+
+def _size(artifact: Path) -> int:
+    return sum(p.stat().st_size for p in artifact.glob("model.onnx*"))
