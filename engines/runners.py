@@ -128,7 +128,7 @@ def make_runner(backend: str, artifact_dir: str | Path, **kwargs: Any) -> Runner
     return BACKENDS[backend](artifact_dir, **kwargs)
 
 
-OPTIONAL_BACKEND_MODULES: tuple[str, ...] = ()
+OPTIONAL_BACKEND_MODULES: tuple[str, ...] = ("engines.trt_runner", "engines.kernels.torch_cuda")
 
 
 def _load_optional_backends() -> None:

@@ -1,0 +1,172 @@
+"""The Triton kernel as the CUDA implementation of ``torch.ops.apt.approx_prompt_diffusion``, and the
+``torch-cuda`` runner backend: the folded PyTorch model on a GPU with CUDA graphs or torch.compile.
+
+Nothing is registered on import: :func:`enable_triton_kernel` registers the kernel explicitly, and the
+backend calls it when ``use_triton=True`` (the default). torch is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apt_deploy.errors import ConfigError
+from apt_deploy.features import require
+from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
+from engines.runners import Feed, Runner, register_backend
+
+log = logging.getLogger(__name__)
+MODES = ("eager", "graphs", "compile")
+_ENABLED: list[bool] = []
+
+
+def enable_triton_kernel() -> None:
+    """Register the fused Triton kernel for CUDA tensors on the torch custom op (idempotent).
+
+    CPU tensors keep the op's default (unfused PyTorch) kernel; the fake kernel is unchanged, so
+    export and torch.compile tracing are unaffected.
+    """
+    if _ENABLED:
+        return
+    require("triton", "the fused Triton kernel")
+    import torch
+
+    from apt_deploy.ops import torch_op  # noqa: F401  (defines the custom op)
+
+    torch.library.register_kernel(SPEC.torch_qualname, "cuda", _cuda_kernel)
+    _ENABLED.append(True)
+    log.info("registered the Triton kernel as the CUDA implementation of %s", SPEC.torch_qualname)
+
+
+def _cuda_kernel(x_in: Any, o: Any, k: Any, v: Any) -> Any:
+    from engines.kernels.triton_apd import approx_prompt_diffusion_triton
+
+    return approx_prompt_diffusion_triton(x_in, o, k, v)
+
+
+class TorchCudaRunner(Runner):
+    """The folded model of an artifact on CUDA: ``eager``, ``graphs`` (one CUDA graph per input-shape
+    set, replayed with static buffers) or ``compile`` (``torch.compile``)."""
+
+    def __init__(self, artifact_dir: str | Path, mode: str = "graphs", use_triton: bool = True,
+                 model_dir: str | None = None, prompts_dir: str | None = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"torch-cuda mode {mode!r}", f"one of {', '.join(MODES)}", "pass mode=graphs (default)")
+        self.artifact_dir, self.mode, self.use_triton = Path(artifact_dir), mode, use_triton
+        self.model_dir, self.prompts_dir = model_dir, prompts_dir
+        self.name = f"torch-cuda[{mode}{',triton' if use_triton else ''}]"
+        self._module: Any = None
+        self._graphs: dict[tuple, _CapturedGraph] = {}
+
+    def activate(self) -> None:
+        if self._module is not None:
+            return
+        require("cuda", "the torch-cuda backend")
+        if self.use_triton:
+            enable_triton_kernel()
+        self._load()
+
+    def _load(self) -> None:
+        import torch
+
+        from apt_deploy.backbones import get_backbone
+        from apt_deploy.manifest import read_manifest
+        from apt_deploy.pipeline import load_folded_from_manifest
+
+        self.manifest = read_manifest(self.artifact_dir)
+        folded = load_folded_from_manifest(self.manifest, self.model_dir, self.prompts_dir)
+        self.spec = get_backbone(self.manifest["backbone"])
+        self.folded, self.output_names = folded, self.spec.output_names(folded)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest["dtype"]]
+        module = self.spec.export_module(folded).to(device="cuda", dtype=self.dtype).eval()
+        self._module = torch.compile(module, mode="max-autotune-no-cudagraphs") if self.mode == "compile" else module
+        self.input_names = [i["name"] for i in self.manifest["inputs"]]
+
+    def deactivate(self) -> None:
+        self._module, self._graphs = None, {}
+
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        self.activate()
+        inputs = self._to_device(feed)
+        if self.mode == "graphs":
+            key = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in inputs.items())
+            if key not in self._graphs:
+                self._graphs[key] = _CapturedGraph(self._forward, inputs)
+            outputs = self._graphs[key].replay(inputs)
+        else:
+            outputs = self._forward(inputs)
+        return {n: _to_numpy(t) for n, t in zip(self.output_names, outputs)}
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def _to_device(self, feed: Feed) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        for name in self.input_names:
+            if name not in feed:
+                raise ConfigError(f"feed without input {name!r} (got {sorted(feed)})", f"every input of {self.input_names}")
+            t = torch.from_numpy(np.ascontiguousarray(feed[name]))
+            out[name] = t.to(device="cuda", dtype=self.dtype if t.is_floating_point() else t.dtype)
+        return out
+
+    def _forward(self, inputs: dict[str, Any]) -> list[Any]:
+        import torch
+
+        with torch.no_grad(), self.spec.export_context(self.folded):
+            return _as_list(self._module(**inputs), self.output_names)
+
+
+class _CapturedGraph:
+    """One CUDA graph over static input/output buffers (warm-up on a side stream, then capture)."""
+
+    def __init__(self, forward: Any, inputs: dict[str, Any]) -> None:
+        import torch
+
+        self.static_inputs = {n: t.clone() for n, t in inputs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_outputs = forward(self.static_inputs)
+        log.info("captured a CUDA graph for shapes %s", {n: tuple(t.shape) for n, t in inputs.items()})
+
+    def replay(self, inputs: dict[str, Any]) -> list[Any]:
+        for name, t in inputs.items():
+            self.static_inputs[name].copy_(t)
+        self.graph.replay()
+        return [t.clone() for t in self.static_outputs]
+
+
+def _as_list(out: Any, names: Sequence[str]) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return list(out)
+    return [getattr(out, n) for n in names]
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
+
+@register_backend("torch-cuda")
+def _torch_cuda_backend(artifact_dir: str | Path, **kwargs: Any) -> Runner:
+    known = {"mode", "use_triton", "model_dir", "prompts_dir"}
+    return TorchCudaRunner(artifact_dir, **{k: v for k, v in kwargs.items() if k in known})

@@ -1,0 +1,234 @@
+"""TensorRT: CPU-runnable checks of the plugin binding, the engine cache key, the build CLI and its errors;
+TensorRT builds and runs (markers ``trt`` + ``gpu``) skip here with the reason (TensorRT cannot be
+installed in this environment). Nothing here mocks TensorRT."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import apt_deploy.cli as cli
+from apt_deploy.errors import ConfigError, MissingDependencyError
+from apt_deploy.features import has, why_missing
+from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
+from engines.plugins import apt_plugin
+from engines.trt_build import EngineSettings, check_precision, engine_cache_key
+from engines.trt_runner import check_compatible
+
+BLOCKED = "tensorrt triton torch onnx onnxruntime onnxscript polygraphy".split()
+
+
+def _main(monkeypatch, argv):
+    monkeypatch.setattr(cli, "COMMANDS", ("apt_deploy.cli.build",))
+    return cli.main(argv)
+
+
+# --- plugin binding (no tensorrt needed) -------------------------------------------------------------
+
+def test_plugin_names_come_from_the_schema():
+    assert apt_plugin.PLUGIN_ID == f"{SPEC.plugin_namespace}::{SPEC.onnx_name}" == SPEC.plugin_id
+    assert (apt_plugin.PLUGIN_NAMESPACE, apt_plugin.PLUGIN_NAME) == (SPEC.plugin_namespace, SPEC.onnx_name)
+    assert apt_plugin.PLUGIN_VERSION == SPEC.plugin_version == apt_plugin.QDP_PLUGIN_VERSION
+    assert apt_plugin.TENSOR_INPUTS == SPEC.inputs
+    assert set(apt_plugin.TRT_TYPE_NAMES) == set(SPEC.dtypes)
+    assert "tensorrt" not in sys.modules or has("tensorrt")
+
+
+def test_exported_nodes_bind_to_the_plugin(apt_artifact):
+    """TensorRT's parser: plugin name = op_type, namespace/version = the node's string attributes; the
+    model-local function of the same domain/name is the fallback when the plugin is not registered."""
+    from exporters.fused_op import fused_nodes
+
+    model = onnx.load(str(apt_artifact / "model.onnx"), load_external_data=False)
+    nodes = fused_nodes(model)
+    assert nodes
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == apt_plugin.PLUGIN_NAME and node.domain == SPEC.domain
+        assert attrs["plugin_namespace"].decode() == apt_plugin.PLUGIN_NAMESPACE
+        assert attrs["plugin_version"].decode() == apt_plugin.PLUGIN_VERSION
+        assert list(node.input)[2:] and len(node.input) == len(apt_plugin.TENSOR_INPUTS)
+    assert any(f.domain == SPEC.domain and f.name == apt_plugin.PLUGIN_NAME for f in model.functions)
+
+
+@pytest.mark.parametrize("mode,version,aot,expected", [
+    ("auto", "11.4.0.106", True, "aot"), ("auto", "10.9.0", True, "aot"), ("auto", "10.8.0", False, "jit"),
+    ("jit", "11.4.0", True, "jit"), ("aot", "10.9.0", True, "aot")])
+def test_plugin_mode_resolution(mode, version, aot, expected):
+    assert apt_plugin.resolve_mode(mode, version, aot) == expected
+
+
+@pytest.mark.parametrize("mode,version,aot,match", [
+    ("aot", "10.8.0", False, "10.9"), ("auto", "10.5.0", False, "10.6"), ("fast", "11.0.0", True, "one of")])
+def test_plugin_mode_errors(mode, version, aot, match):
+    with pytest.raises(ConfigError, match=match):
+        apt_plugin.resolve_mode(mode, version, aot)
+
+
+# --- engine cache key ---------------------------------------------------------------------------------
+
+def _key_inputs(tmp_path: Path):
+    (tmp_path / "model.onnx").write_bytes(b"onnx-graph")
+    (tmp_path / "model.onnx.data").write_bytes(b"weights")
+    files = [tmp_path / "model.onnx", tmp_path / "model.onnx.data"]
+    settings = EngineSettings(profiles=(("x", (1, 4), (2, 4), (8, 4)),))
+    return files, settings, "11.4.0", {"name": "H100", "compute_capability": "9.0"}, {"id": SPEC.plugin_id, "mode": "aot"}
+
+
+CHANGED = {"precision": "fp16", "use_plugin": False, "plugin_mode": "jit", "workspace_bytes": 2**30,
+           "builder_optimization_level": 5, "tf32": True, "profiles": (("x", (1, 4), (4, 4), (8, 4)),)}
+
+
+def test_cache_key_is_stable(tmp_path):
+    files, settings, trt, device, plugin = _key_inputs(tmp_path)
+    assert engine_cache_key(files, settings, trt, device, plugin, "k") == engine_cache_key(files, settings, trt, device, plugin, "k")
+
+
+def test_every_engine_setting_is_in_the_test():
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(EngineSettings)}
+
+
+@pytest.mark.parametrize("field", sorted(CHANGED))
+def test_cache_key_changes_with_each_setting(tmp_path, field):
+    files, settings, trt, device, plugin = _key_inputs(tmp_path)
+    base = engine_cache_key(files, settings, trt, device, plugin, "k")
+    assert engine_cache_key(files, dataclasses.replace(settings, **{field: CHANGED[field]}), trt, device, plugin, "k") != base
+
+
+@pytest.mark.parametrize("what", ["onnx", "external_data", "tensorrt", "device", "plugin", "kernel"])
+def test_cache_key_changes_with_inputs(tmp_path, what):
+    files, settings, trt, device, plugin = _key_inputs(tmp_path)
+    base = engine_cache_key(files, settings, trt, device, plugin, "k")
+    kernel = "k"
+    if what == "onnx":
+        files[0].write_bytes(b"onnx-graph2")
+    elif what == "external_data":
+        files[1].write_bytes(b"weights2")
+    elif what == "tensorrt":
+        trt = "11.4.1"
+    elif what == "device":
+        device = {"name": "H200", "compute_capability": "9.0"}
+    elif what == "plugin":
+        plugin = {**plugin, "mode": "jit"}
+    else:
+        kernel = "k2"
+    assert engine_cache_key(files, settings, trt, device, plugin, kernel) != base
+
+
+# --- precision, compatibility ----------------------------------------------------------------------
+
+def test_precision_must_match_the_exported_dtype():
+    check_precision("fp16", {"dtype": "fp16"})
+    with pytest.raises(ConfigError, match="export --dtype fp16"):
+        check_precision("fp16", {"dtype": "fp32"})
+    with pytest.raises(ConfigError, match="one of"):
+        check_precision("int8", {"dtype": "fp32"})
+
+
+def test_engine_from_another_tensorrt_or_gpu_is_refused(tmp_path):
+    meta = {"tensorrt_version": "11.4.0", "device": {"name": "H100", "compute_capability": "9.0"},
+            "settings": {"precision": "fp32"}}
+    here = {"name": "H100", "compute_capability": "9.0"}
+    check_compatible(meta, "11.4.0", here, tmp_path / "model.fp32.plan")
+    with pytest.raises(ConfigError, match="TensorRT 11.4.0.*TensorRT 10.13"):
+        check_compatible(meta, "10.13", here, tmp_path / "model.fp32.plan")
+    with pytest.raises(ConfigError, match="H100.*H200"):
+        check_compatible(meta, "11.4.0", {"name": "H200", "compute_capability": "9.0"}, tmp_path / "e.plan")
+
+
+# --- CLI and backends without tensorrt ------------------------------------------------------------------
+
+def test_build_is_a_cli_command():
+    assert "apt_deploy.cli.build" in cli.COMMANDS
+
+
+def test_build_help_without_torch_tensorrt_triton():
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED) +
+            "import apt_deploy.cli as cli\ncli.COMMANDS = ('apt_deploy.cli.build',)\ncli.main(['build', '--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: apt-deploy build" in proc.stdout and "--no-plugin" in proc.stdout and "--precision" in proc.stdout
+
+
+@pytest.mark.skipif(has("tensorrt"), reason="tensorrt is installed here")
+def test_build_without_tensorrt_exits_2_naming_tensorrt(apt_artifact, monkeypatch, capsys):
+    assert _main(monkeypatch, ["build", str(apt_artifact), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "tensorrt" in err.lower() and "pypi.nvidia.com" in err
+    assert not list(apt_artifact.glob("*.plan"))
+
+
+def test_build_with_the_wrong_precision_exits_2(apt_artifact, monkeypatch, capsys):
+    assert _main(monkeypatch, ["build", str(apt_artifact), "--precision", "bf16"]) == 2
+    assert "--dtype bf16" in capsys.readouterr().err
+
+
+def test_build_bad_workspace_exits_2(apt_artifact, monkeypatch, capsys):
+    assert _main(monkeypatch, ["build", str(apt_artifact), "--workspace", "lots"]) == 2
+    assert "--workspace" in capsys.readouterr().err
+
+
+def test_backends_register_without_gpu_dependencies(apt_artifact):
+    from engines.runners import BACKENDS, make_runner
+
+    runner = make_runner("trt", apt_artifact)  # lazy: nothing imported yet
+    assert {"trt", "torch-cuda"} <= set(BACKENDS)
+    if not has("tensorrt"):
+        with pytest.raises(MissingDependencyError, match="tensorrt"):
+            runner.activate()
+    if not has("cuda"):
+        with pytest.raises(MissingDependencyError, match="cuda"):
+            make_runner("torch-cuda", apt_artifact).activate()
+
+
+# --- TensorRT builds and runs (skip without tensorrt / GPU) -----------------------------------------
+
+def needs_trt(test):
+    test = pytest.mark.skipif(not has("tensorrt"), reason=why_missing("tensorrt"))(test)
+    test = pytest.mark.skipif(not has("cuda"), reason=why_missing("cuda"))(test)
+    return pytest.mark.gpu(pytest.mark.trt(test))
+
+
+def _feeds(artifact: Path):
+    from apt_deploy.manifest import read_manifest
+    from engines.runners import OnnxRuntimeRunner
+
+    manifest = read_manifest(artifact)
+    rng = np.random.default_rng(0)
+    feed = {}
+    for i in manifest["inputs"]:
+        shape = tuple(i["opt_shape"])
+        feed[i["name"]] = (rng.integers(0, 2, shape) if i["dtype"].startswith("int") else
+                           rng.standard_normal(shape)).astype(i["dtype"])
+    with OnnxRuntimeRunner(artifact / "model.onnx") as ort:
+        return feed, ort.infer(feed)
+
+
+@needs_trt
+def test_plugin_engine_matches_onnxruntime(apt_artifact, tmp_path):
+    from apt_deploy.settings import tolerance
+    from engines.compare import assert_close
+    from engines.trt_build import build_engine, metadata_path
+    from engines.trt_runner import TensorRTRunner
+
+    engine = build_engine(apt_artifact, "fp32", out=tmp_path / "e.plan", timing_cache=tmp_path / "t.cache")
+    assert metadata_path(engine).is_file()
+    feed, expected = _feeds(apt_artifact)
+    with TensorRTRunner(engine) as trt_runner:
+        assert_close(expected, trt_runner.infer(feed), tolerance("onnxruntime_vs_torch"), "TensorRT (plugin) vs ORT")
+    again = build_engine(apt_artifact, "fp32", out=tmp_path / "e.plan", timing_cache=tmp_path / "t.cache")
+    assert again == engine  # cache hit: same key
+
+
+@needs_trt
+def test_no_plugin_engine_builds_in_a_fresh_process(apt_artifact, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "apt_deploy", "build", str(apt_artifact), "--no-plugin",
+                           "--out", str(tmp_path / "np.plan")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "np.plan").is_file()
