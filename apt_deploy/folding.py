@@ -57,10 +57,26 @@ def freeze_for_inference(model: nn.Module, spec: BackboneSpec) -> int:
     return 0
 
 
-# The passes each method needs, in order.
+def fold_class_embeddings(model: nn.Module, spec: BackboneSpec) -> int:
+    """CLIP's text side (CoOp context or frozen template through the text tower) -> one constant
+    matrix logit_scale.exp() * normalised class embeddings (methods/coop.py). No-op without a class head."""
+    from apt_deploy.methods.coop import FoldedClassHead, PromptLearner, class_embedding_matrix
+
+    learner = getattr(model, "prompt_learner", None)
+    if not isinstance(learner, PromptLearner):
+        return 0
+    model.prompt_learner = FoldedClassHead(class_embedding_matrix(model).clone(), learner.class_names)
+    return 1
+
+
+# The passes each method needs, in order ("apt" serves ViLT and CLIP; fold_class_embeddings is a
+# no-op on models without a CLIP class head).
 FOLD_PASSES: dict[str, tuple[FoldPass, ...]] = {
-    "apt": (fold_apt_modules, freeze_for_inference),
+    "apt": (fold_apt_modules, fold_class_embeddings, freeze_for_inference),
     "deep_prompt": (fold_deep_prompt, freeze_for_inference),
+    "coop": (fold_class_embeddings, freeze_for_inference),
+    "gram": (fold_class_embeddings, freeze_for_inference),
+    "apt+coop": (fold_apt_modules, fold_class_embeddings, freeze_for_inference),
 }
 
 

@@ -15,6 +15,8 @@ from apt_deploy.folding import fold
 
 def load_trained(model_dir: str | Path, prompts_dir: str | Path, backbone: str | None = None) -> nn.Module:
     """Base model from ``model_dir`` + the method and tensors from ``prompts_dir`` (training form)."""
+    if backbone is not None:
+        get_backbone(backbone)  # an unknown name fails first, listing the known ones
     cfg = read_prompt_config(prompts_dir)
     name = backbone or cfg["backbone"]
     if backbone and backbone != cfg["backbone"]:

@@ -7,6 +7,7 @@ and record what was done in ``model.apt_deploy_state`` for save / fold / export.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 from apt_deploy.backbones import BackboneSpec, spec_for_model
 from apt_deploy.errors import ConfigError
 from apt_deploy.methods.apt import APTConfig, APTModule
+from apt_deploy.methods.coop import ClassPrompts, ClipMethodConfig, CoOpConfig, PromptLearner, initial_context
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
 
 log = logging.getLogger(__name__)
@@ -100,3 +102,39 @@ def _finish(model: nn.Module, spec: BackboneSpec, config: APTConfig, method: str
                 p.requires_grad_(name != "log_scale" or config.train_log_scale)
     model.apt_deploy_state = MethodState(method, config, spec.name, model.__dict__.pop("_pending_fingerprint"))
     log.info("applied %s to %s: %d trainable parameters", method, spec.name, trainable_parameters(model))
+
+
+# --- CLIP: CoOp / GRAM text context, APT on the image tower (backbones/clip.py) ------------------
+CLIP_METHODS = ("coop", "gram", "apt", "apt+coop")
+
+
+def apply_clip_method(model: nn.Module, method: str, prompts: ClassPrompts, coop: CoOpConfig | None = None,
+                      apt: APTConfig | None = None) -> nn.Module:
+    """Give a CLIPModel a class head (``model.prompt_learner``, CoOp layout) and, for "apt"/"apt+coop",
+    one APT module per vision self-attention; freeze the rest. "gram" is CoOp trained with GRAM
+    (methods/gram.py); "apt" keeps the text context frozen at its init (zero-shot head). In place."""
+    coop, apt = _clip_configs(method, coop, apt)
+    spec = _prepare(model, apt or APTConfig(cls_token_id=None))
+    if apt is not None:
+        d = spec.hidden_size(model)
+        for site in spec.apt_sites(model):
+            site.replace(spec.wrap_apt(site.module, APTModule(d, apt)))
+            site.module.apt.log_scale.requires_grad_(apt.train_log_scale)
+    context = initial_context(model, prompts, coop)
+    max_len = int(model.config.text_config.max_position_embeddings)
+    model.prompt_learner = PromptLearner(context, prompts, max_len, train=coop.train_context)
+    config = ClipMethodConfig(dataclasses.replace(coop, context_len=context.shape[0]), apt)
+    model.apt_deploy_state = MethodState(method, config, spec.name, model.__dict__.pop("_pending_fingerprint"))
+    log.info("applied %s to %s: %d trainable parameters", method, spec.name, trainable_parameters(model))
+    return model
+
+
+def _clip_configs(method: str, coop: CoOpConfig | None, apt: APTConfig | None) -> tuple[CoOpConfig, APTConfig | None]:
+    if method not in CLIP_METHODS:
+        raise ConfigError(f"CLIP method {method!r}", f"one of {', '.join(CLIP_METHODS)}")
+    coop = coop or CoOpConfig()
+    if method == "apt":
+        coop = dataclasses.replace(coop, train_context=False)
+    if method.startswith("apt"):
+        return coop, dataclasses.replace(apt or APTConfig(), cls_token_id=None, train_head=False, method=method)
+    return coop, None

@@ -1,0 +1,245 @@
+"""Few-shot training of CLIP classifiers: ``apt-deploy train --backbone clip --method coop|gram|apt|apt+coop``.
+
+Python API: :func:`prepare_clip` (model + tokenizer + processor + method), :func:`train_clip`,
+:func:`evaluate_clip`, :func:`run_gram_meta_training`; CLI glue: :func:`add_clip_arguments` and
+:func:`train_from_args` (apt_deploy/cli/train.py dispatches here for ``--backbone clip``).
+
+Optimisation: CoOp's recipe is SGD (momentum 0.9), lr 2e-3, cosine decay; APT's is AdamW
+(0.9, 0.98), lr 5e-4, weight decay 0.01, warm-up 10 %. ``ClipTrainSettings.optimizer`` picks one
+("sgd" default for coop/gram, "adamw" for apt and apt+coop); both use 10 % linear warm-up then
+cosine decay to 0. With GRAM, ψ_φ* rewrites the context gradient before every optimiser step.
+When the image tower is frozen (coop, gram) its features are computed once and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from apt_deploy.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily: `apt-deploy train --help` works without it
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+DEFAULT_LR = {"sgd": 2e-3, "adamw": 5e-4}
+
+
+@dataclass(frozen=True)
+class ClipTrainSettings:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float | None = None  # None: 2e-3 for sgd (CoOp), 5e-4 for adamw (APT)
+    optimizer: str | None = None  # None: sgd for coop/gram, adamw when APT trains
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+    def resolved(self, method: str) -> tuple[str, float]:
+        opt = self.optimizer or ("adamw" if method.startswith("apt") else "sgd")
+        if opt not in DEFAULT_LR:
+            raise ConfigError(f"optimizer {opt!r}", f"one of {', '.join(DEFAULT_LR)}")
+        return opt, self.lr if self.lr is not None else DEFAULT_LR[opt]
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags used only with ``--backbone clip`` (the shared ones: --model --data --eval-data --out ...)."""
+    g = parser.add_argument_group("CLIP (--backbone clip; methods coop, gram, apt, apt+coop)")
+    g.add_argument("--shots", type=int, default=16, help="images per class drawn (seeded) from --data (default 16)")
+    g.add_argument("--context-len", type=int, default=16, help="CoOp context vectors M with random init (default 16)")
+    g.add_argument("--context-init", default=None,
+                   help='init text for the context, e.g. "a photo of a" (zero-shot start; M = its token count)')
+    g.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=None,
+                   help="default: sgd for coop/gram (CoOp), adamw when APT trains")
+    g.add_argument("--captions", default=None, help='GRAM: unlabeled pairs, JSONL of {"image": ..., "caption": ...}')
+    g.add_argument("--meta-steps", type=int, default=60, help="GRAM meta-training steps (default 60)")
+    g.add_argument("--meta-shots", type=int, default=4, help="GRAM pairs per pseudo-class in a meta-task (default 4)")
+    g.add_argument("--meta-ways", type=int, default=4, help="GRAM pseudo-classes per support/query set (default 4)")
+    g.add_argument("--domains", type=int, default=4, help="GRAM coarse clusters (domains) (default 4)")
+    g.add_argument("--pseudo-classes", type=int, default=24, help="GRAM fine clusters (pseudo-classes) (default 24)")
+    g.add_argument("--inner-lr", type=float, default=1.0, help="GRAM inner step size alpha (default 1.0)")
+
+
+def prepare_clip(model_dir: str | Path, method: str, class_names: list[str], coop: Any = None,
+                 apt: Any = None) -> tuple[nn.Module, Any, Any]:
+    """(model with the method applied, tokenizer, image processor), all read offline from ``model_dir``."""
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.data.imagefolder import load_clip_preprocessing
+    from apt_deploy.methods.coop import CoOpConfig, tokenize_class_prompts
+    from apt_deploy.tuning import apply_clip_method
+
+    tokenizer, processor = load_clip_preprocessing(model_dir)
+    model = get_backbone("clip").load(str(model_dir))
+    coop = coop or CoOpConfig()
+    apply_clip_method(model, method, tokenize_class_prompts(tokenizer, class_names, coop), coop, apt)
+    return model, tokenizer, processor
+
+
+def run_gram_meta_training(model: nn.Module, tokenizer: Any, processor: Any, pairs: list, config: Any) -> Any:
+    """Embed the unlabeled pairs with the frozen towers, cluster them, meta-train θ and ψ (methods/gram.py)."""
+    from apt_deploy.data.imagefolder import pixel_tensor
+    from apt_deploy.methods.gram import embed_pairs, meta_train
+
+    bank = embed_pairs(model, pixel_tensor(processor, [img for img, _ in pairs]), [c for _, c in pairs], tokenizer)
+    return meta_train(model, bank, config)
+
+
+def build_clip_optimizer(model: nn.Module, settings: ClipTrainSettings, method: str):
+    """SGD(momentum 0.9) or AdamW(0.9, 0.98; no decay on 1-D tensors) + warm-up/cosine LambdaLR."""
+    import torch
+    kind, lr = settings.resolved(method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"method {method!r} left nothing trainable", "at least one trainable tensor")
+    if kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": settings.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    warm = max(1, int(settings.warmup_ratio * settings.steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_clip(model: nn.Module, data: Any, settings: ClipTrainSettings | None = None) -> list[float]:
+    """Few-shot cross-entropy tuning of whatever the method left trainable; returns the loss per step."""
+    import torch
+    from torch import nn
+    from apt_deploy.methods.gram import regulate_gradients
+    from apt_deploy.progress import progress, timed_step
+
+    settings = settings or ClipTrainSettings()
+    method = model.apt_deploy_state.method
+    opt, sched = build_clip_optimizer(model, settings, method)
+    g = torch.Generator().manual_seed(settings.seed)
+    cached = _cached_image_features(model, data.pixel_values)
+    losses = []
+    model.train()
+    with timed_step(f"train clip/{method} for {settings.steps} steps", log):
+        for _ in progress(range(settings.steps), total=settings.steps, desc=f"train {method}"):
+            idx = torch.randint(len(data), (min(settings.batch_size, len(data)),), generator=g)
+            loss = nn.functional.cross_entropy(_logits(model, data.pixel_values, idx, cached), data.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            regulate_gradients(model)
+            if settings.grad_clip:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def evaluate_clip(model: nn.Module, data: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy of the (training-form or folded) classifier: the image tower + the class GEMM."""
+    import torch
+    from apt_deploy.backbones import get_backbone
+
+    classifier = get_backbone("clip").export_module(model).eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            logits = classifier(data.pixel_values[i:i + batch_size])
+            correct += int((logits.argmax(-1) == data.labels[i:i + batch_size]).sum())
+    return correct / max(1, len(data))
+
+
+def _cached_image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor | None:
+    """Normalised image features once, when nothing in the image tower trains (coop, gram)."""
+    import torch
+    from apt_deploy.methods.coop import image_features
+
+    tower = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
+    if any(p.requires_grad for p in tower):
+        return None
+    with torch.no_grad():
+        return torch.cat([image_features(model, pixel_values[i:i + 256]) for i in range(0, len(pixel_values), 256)])
+
+
+def _logits(model: nn.Module, pixel_values: torch.Tensor, idx: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+    from apt_deploy.methods.coop import class_logits
+
+    if cached is None:
+        return class_logits(model, pixel_values[idx])
+    text = model.prompt_learner.text_features(model)
+    return model.logit_scale.exp() * cached[idx] @ (text / text.norm(dim=-1, keepdim=True)).t()
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    """``apt-deploy train --backbone clip``: 1. data, 2. model + method, 3. GRAM meta-training,
+    4. few-shot tuning, 5. evaluation, 6. save_prompts."""
+    from apt_deploy.checkpoint import save_prompts
+    from apt_deploy.data.imagefolder import check_class_names, load_clip_preprocessing, load_image_folder
+
+    method = args.method
+    _check_clip_args(args)
+    _, processor = load_clip_preprocessing(args.model)
+    train = load_image_folder(args.data, processor, shots=args.shots, seed=args.seed)
+    model, tokenizer, processor = prepare_clip(args.model, method, train.class_names, _coop_config(args), _apt_config(args))
+    if method == "gram":
+        _meta_train_from_args(model, tokenizer, processor, args)
+    settings = ClipTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=getattr(args, "lr", None),
+                                 optimizer=getattr(args, "optimizer", None), seed=args.seed)
+    losses = train_clip(model, train, settings)
+    log.info("final training loss %.4f, train accuracy %.3f", losses[-1] if losses else float("nan"),
+             evaluate_clip(model, train))
+    if getattr(args, "eval_data", None):
+        evaluation = load_image_folder(args.eval_data, processor)
+        check_class_names(evaluation.class_names, train.class_names, f"--eval-data {args.eval_data}")
+        log.info("eval accuracy on %s: %.4f", args.eval_data, evaluate_clip(model, evaluation))
+    save_prompts(model, args.out, overwrite=bool(getattr(args, "overwrite", False)))
+    return 0
+
+
+def _meta_train_from_args(model: nn.Module, tokenizer: Any, processor: Any, args: argparse.Namespace) -> None:
+    from apt_deploy.data.captions import read_caption_pairs
+    from apt_deploy.methods.gram import GramConfig
+
+    pairs = read_caption_pairs(args.captions, getattr(args, "image_root", None))
+    config = GramConfig(meta_steps=args.meta_steps, ways=args.meta_ways, shots=args.meta_shots, n_domains=args.domains,
+                        n_pseudo_classes=args.pseudo_classes, inner_lr=args.inner_lr, seed=args.seed)
+    run_gram_meta_training(model, tokenizer, processor, pairs, config)
+
+
+def _coop_config(args: argparse.Namespace) -> Any:
+    from apt_deploy.methods.coop import ZERO_SHOT_TEMPLATE, CoOpConfig
+
+    init = getattr(args, "context_init", None)
+    if init is None and args.method == "apt":
+        init = ZERO_SHOT_TEMPLATE  # APT alone: the frozen text head is zero-shot CLIP
+    return CoOpConfig(context_len=getattr(args, "context_len", 16), context_init=init or None)
+
+
+def _apt_config(args: argparse.Namespace) -> Any:
+    from apt_deploy.methods.apt import APTConfig
+
+    if not args.method.startswith("apt"):
+        return None
+    return APTConfig(prompt_len=getattr(args, "prompt_len", None) or 200, rank=getattr(args, "rank", None) or 4,
+                     cls_token_id=None, train_head=False)
+
+
+def _check_clip_args(args: argparse.Namespace) -> None:
+    from apt_deploy.tuning import CLIP_METHODS
+
+    if args.method not in CLIP_METHODS:
+        raise ConfigError(f"--method {args.method} with --backbone clip", f"one of {', '.join(CLIP_METHODS)}")
+    if args.method == "gram" and not getattr(args, "captions", None):
+        raise ConfigError("--method gram without --captions", "a JSONL of unlabeled image-caption pairs for meta-training",
+                          'pass --captions PAIRS.jsonl (lines {"image": "images/0.png", "caption": "..."})')
+    for flag in ("model", "data", "out"):
+        if not getattr(args, flag, None):
+            raise ConfigError(f"--{flag} is missing", f"--{flag} for apt-deploy train --backbone clip")
