@@ -72,3 +72,23 @@ def apt_artifact(tiny_dirs) -> Path:
     model = load_trained(tiny_dirs["model"], tiny_dirs["apt"])
     source = {"model_dir": str(tiny_dirs["model"]), "prompts_dir": str(tiny_dirs["apt"])}
     return export_artifact(model, tiny_dirs["root"] / "artifact_apt", ExportSettings(batch_max=4), source=source)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread on the 2-core CI box (thread hand-off dominates)."""
+    import torch
+
+    from tests.clip_helpers import single_thread
+
+    before = single_thread()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A saved tiny CLIP (model, offline tokenizer, image processor)."""
+    from apt_deploy.backbones.clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model", seed=0)

@@ -8,23 +8,12 @@ import pytest
 import torch
 
 from apt_deploy.settings import TOLERANCES
-from tests.clip_helpers import CLASS_NAMES, clip_with_method, single_thread
+from tests.clip_helpers import CLASS_NAMES, clip_with_method
 
 METHODS = ("coop", "gram", "apt", "apt+coop")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = single_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from apt_deploy.backbones.clip import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model", seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pixels(n: int = 3, seed: int = 1) -> torch.Tensor:

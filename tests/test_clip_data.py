@@ -8,21 +8,9 @@ import json
 import pytest
 import torch
 
-from tests.clip_helpers import single_thread
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = single_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from apt_deploy.backbones.clip import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model", seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -6,21 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.clip_helpers import CLASS_NAMES, clip_with_method, single_thread
+from tests.clip_helpers import CLASS_NAMES, clip_with_method
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = single_thread()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from apt_deploy.backbones.clip import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model", seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_context_replaces_the_m_placeholders_right_after_sos(clip_dir):
