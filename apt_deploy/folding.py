@@ -12,7 +12,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from apt_deploy.backbones import BackboneSpec, get_backbone

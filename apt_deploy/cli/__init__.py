@@ -21,6 +21,8 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.train",
     "apt_deploy.cli.export",
     "apt_deploy.cli.verify",
+    "apt_deploy.cli.bench",
+    "apt_deploy.cli.build",
 )
 
 
