@@ -1,0 +1,113 @@
+"""``apt-deploy train`` end to end on a tiny saved model dir and a JSONL file of PNGs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import apt_deploy.cli as cli
+from apt_deploy.cli import main
+from apt_deploy.data.synthetic_vqa import ANSWERS, COLORS, render
+
+QUESTIONS = ("what color is the shape?", "is it red?")
+
+
+@pytest.fixture(autouse=True)
+def only_present_commands(monkeypatch):
+    """Other subcommands are written concurrently; build the parser from the modules that exist."""
+    present = tuple(m for m in cli.COMMANDS if importlib.util.find_spec(m) is not None)
+    monkeypatch.setattr(cli, "COMMANDS", present)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    from apt_deploy.tiny import save_tiny_vilt
+
+    root = tmp_path_factory.mktemp("cli_train")
+    save_tiny_vilt(root / "model", seed=0)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        color = list(COLORS)[i % 4]
+        Image.fromarray(render(rng, 32, color, "circle", "left")).save(root / f"{i}.png")
+        q = QUESTIONS[i % 2]
+        rows.append({"image": f"{i}.png", "question": q, "answers": [color] if i % 2 == 0 else ["yes" if color == "red" else "no"]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "answers.json").write_text(json.dumps(ANSWERS))
+    return root
+
+
+def args(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "train", "--backbone", "vilt", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"),
+            "--answers", str(ws / "answers.json"), "--out", str(out), "--steps", "4", "--batch-size", "4",
+            "--prompt-len", "6", "--rank", "2", *extra]
+
+
+@pytest.mark.parametrize("method", ["apt", "deep_prompt"])
+def test_train_writes_a_prompt_dir_that_loads_back(workspace, tmp_path, method):
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.checkpoint import load_prompts, read_prompt_config
+
+    out = tmp_path / "prompts"
+    assert main(args(workspace, out, "--method", method, "--eval-data", str(workspace / "train.jsonl"))) == 0
+    cfg = read_prompt_config(out)
+    assert cfg["method"] == method and cfg["prompt_len"] == 6 and cfg["cls_token_id"] == 101
+    assert cfg["labels"] == ANSWERS
+    model = load_prompts(get_backbone("vilt").load(str(workspace / "model")), out)
+    assert model.apt_deploy_state.method == method
+
+
+def test_existing_out_is_refused_before_training(workspace, tmp_path, capsys):
+    out = tmp_path / "prompts"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args(workspace, out)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(args(workspace, out, "--overwrite")) == 0
+    assert (out / "prompts.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--answers", "short.json"), "has 2 answers but the model has num_labels=11"),
+    (("--data", "missing.jsonl"), "does not exist"),
+    (("--backbone", "resnet"), "Unknown backbone for training 'resnet'"),
+    (("--text-len", "99"), "--text-len 99"),
+    (("--method", "coop"), "Unknown method for --backbone vilt 'coop'"),
+])
+def test_bad_inputs_exit_2_with_a_clear_message(workspace, tmp_path, capsys, change, message):
+    (workspace / "short.json").write_text(json.dumps(["yes", "no"]))
+    argv = args(workspace, tmp_path / "out")
+    flag, value = change
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value if flag in ("--backbone", "--text-len", "--method") else str(workspace / value)
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_without_its_trainer_lists_working_backbones(workspace, tmp_path, capsys, monkeypatch):
+    import apt_deploy.cli.train as train_cli
+
+    monkeypatch.setattr(train_cli, "CLIP_MODULE", "apt_deploy._no_such_clip_training")
+    assert main(args(workspace, tmp_path / "out", "--backbone", "clip")) == 2
+    assert "one of: vilt" in capsys.readouterr().err
+
+
+def test_help_works_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import apt_deploy.cli as c; "
+            "c.COMMANDS = ('apt_deploy.cli.train',); c.main(['train', '--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--head-lr-mult" in proc.stdout and "--prompt-len" in proc.stdout
