@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoSettings:
     workdir: str = "apt-deploy-demo"
-    steps: int = 300
+    steps: int = 1500
     batch_size: int = 32
     num_train: int = 2000
     num_test: int = 500
@@ -72,9 +72,29 @@ def _train(base_dir: Path, data: Any, work: Path, settings: DemoSettings, summar
     summary["training"] = {"backbone_parameters": total, "trainable_parameters": ad.trainable_parameters(model),
                            "apt_parameters": sum(p.numel() for n, p in model.named_parameters() if ".apt." in n),
                            "accuracy_before": before, "accuracy_after": evaluate(model, data.test),
+                           "baselines": answer_baselines(data.train.examples, data.test.examples),
                            "loss_first": result.mean_loss(first=True), "loss_last": result.mean_loss(),
                            "steps": result.steps, "seconds": result.seconds}
     return ad.save_prompts(model, work / "prompts", overwrite=True)
+
+
+def answer_baselines(train: Any, test: Any) -> dict[str, float]:
+    """Test accuracy of two blind answerers fitted on the training split: the single most common answer,
+    and the most common answer per question text (what a model can reach without looking at the image)."""
+    from collections import Counter, defaultdict
+
+    overall, per_question = Counter(), defaultdict(Counter)
+    for ex in train:
+        for label, score in ex.scores:
+            overall[label] += score
+            per_question[ex.question][label] += score
+    majority = overall.most_common(1)[0][0]
+
+    def accuracy(answer_for) -> float:
+        return sum(dict(ex.scores).get(answer_for(ex), 0.0) for ex in test) / max(1, len(test))
+
+    return {"majority_answer": accuracy(lambda ex: majority),
+            "question_only": accuracy(lambda ex: (per_question.get(ex.question) or overall).most_common(1)[0][0])}
 
 
 def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, Any]) -> tuple[Path, Path]:

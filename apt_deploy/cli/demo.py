@@ -11,7 +11,7 @@ HELP = ("train APT on a built-in synthetic VQA task with a small random-init ViL
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="apt-deploy-demo", help="where the model, prompts and artifacts go")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500, ~1 min on 2 cores)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=50, help="APT prompt count p (default 50)")
     parser.add_argument("--rank", type=int, default=4, help="APT rank r (default 4)")
@@ -40,6 +40,8 @@ def print_summary(s: dict) -> None:
         ("backbone parameters", f"{t['backbone_parameters']:,}"),
         ("trainable parameters", f"{t['trainable_parameters']:,} (APT modules {t['apt_parameters']:,})"),
         ("held-out accuracy", f"{t['accuracy_before']:.3f} before -> {t['accuracy_after']:.3f} after {t['steps']} steps"),
+        ("  blind baselines", f"majority answer {t['baselines']['majority_answer']:.3f}, "
+                              f"question-only {t['baselines']['question_only']:.3f} (no image)"),
         ("training loss", f"{t['loss_first']:.4f} -> {t['loss_last']:.4f} ({t['seconds']:.1f} s)"),
         ("ONNX size", f"{e['onnx_bytes'] / 1e6:.2f} MB (base {e['base_onnx_bytes'] / 1e6:.2f} MB), "
                       f"{e['fused_nodes']} apt::ApproxPromptDiffusion nodes"),
