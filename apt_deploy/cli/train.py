@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 
 from apt_deploy.cli.common import add_output_arguments, refuse_existing
@@ -11,7 +10,6 @@ from apt_deploy.cli.common import add_output_arguments, refuse_existing
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
 TRAINABLE_BACKBONES = ("vilt", "clip")
-CLIP_MODULE = "apt_deploy.clip_training"
 VILT_METHODS = ("apt", "deep_prompt")
 log = logging.getLogger(__name__)
 
@@ -35,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default min(40, model max))")
     _add_recipe_arguments(parser)
     add_output_arguments(parser, "prompt checkpoint (apt_config.json + prompts.safetensors)")
-    if importlib.util.find_spec(CLIP_MODULE) is not None:
-        importlib.import_module(CLIP_MODULE).add_clip_arguments(parser)
+    from apt_deploy.clip_training import add_clip_arguments  # torch-free at import time (tested)
+
+    add_clip_arguments(parser)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +62,14 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     if args.backbone == "clip":
-        clip = _clip_module()
+        from apt_deploy.clip_training import train_from_args
+
         refuse_existing(args.out, args.overwrite)
-        return clip.train_from_args(args)
+        return train_from_args(args)
     if args.backbone != "vilt":
         from apt_deploy.errors import UnknownNameError
 
-        raise UnknownNameError("backbone for training", args.backbone, _working_backbones())
+        raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vilt(args)
 
 
@@ -147,15 +147,3 @@ def _require(args: argparse.Namespace, *names: str) -> None:
     if missing:
         raise ConfigError(f"apt-deploy train --backbone vilt is missing {', '.join(missing)}",
                           "--data TRAIN.jsonl and --answers ANSWERS.json", "pass both flags")
-
-
-def _clip_module():
-    from apt_deploy.errors import UnknownNameError
-
-    if importlib.util.find_spec(CLIP_MODULE) is None:
-        raise UnknownNameError("backbone for training", "clip", _working_backbones())
-    return importlib.import_module(CLIP_MODULE)
-
-
-def _working_backbones() -> list[str]:
-    return [b for b in TRAINABLE_BACKBONES if b != "clip" or importlib.util.find_spec(CLIP_MODULE) is not None]
