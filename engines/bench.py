@@ -1,0 +1,247 @@
+"""Benchmark exported artifacts on one backend, interleaved in one process, and report them as JSON.
+
+Steps (``benchmark``):
+1. read every artifact's manifest (fail on a bad path before loading anything);
+2. per artifact: build inputs from the manifest's shapes in numpy, create the runner and warm it up
+   under a peak-RSS sampler (memory method: see ``MEMORY_METHOD``);
+3. time all artifacts interleaved (A B C, B C A, ...) with ``engines.timing.time_interleaved``,
+   measuring the CPU other processes used meanwhile;
+4. summarize each (p50/p90/p99/mean/std, throughput at the batch) and its p50 ratio to the first.
+
+No torch here: inputs are numpy, the runner comes from ``engines.runners.make_runner``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apt_deploy.errors import ConfigError
+from apt_deploy.manifest import now_iso, read_manifest, tool_versions
+from apt_deploy.progress import progress, timed_step
+from engines.machine import (MB, OtherLoadMeter, PeakRssSampler, load_average, machine_info,
+                             process_peak_rss_bytes)
+from engines.runners import Runner, make_runner
+from engines.timing import ratio_table, summarize, time_interleaved
+
+log = logging.getLogger(__name__)
+REPORT_KIND, SCHEMA_VERSION = "apt-deploy-bench", 1
+TOKEN_ID_RANGE = (1, 100)  # valid in any vocabulary of >= 100 tokens; latency does not depend on values
+HIGH_OTHER_LOAD_CORES = 0.3
+# Imported before the first artifact is sampled, so its memory delta does not include the library import.
+BACKEND_IMPORTS = {"onnxruntime": "onnxruntime", "trt": "tensorrt", "torch-cuda": "torch"}
+MEMORY_METHOD = (
+    "Artifacts are loaded one after another and stay loaded. For each, a thread polls the process RSS "
+    "(psutil, every 2 ms) while its session is created and warmed up; peak_rss_delta_mb = that peak minus "
+    "the RSS just before, i.e. what the artifact adds to a process at its worst (weights + arena + "
+    "transient buffers); resident_delta_mb = what stays resident after warm-up. process_peak_rss_mb is "
+    "getrusage ru_maxrss of the whole bench process. Never sampled during timing. Valid in a fresh process (as "
+    "apt-deploy bench runs): memory an earlier session in the same process freed is reused without raising RSS.")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``apt-deploy bench`` does; CLI flags override only what is given."""
+
+    backend: str = "onnxruntime"
+    batch: int = 1
+    iterations: int = 30
+    warmup: int = 3
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.iterations < 1 or self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"batch={self.batch}, iterations={self.iterations}, warmup={self.warmup}, "
+                              f"threads={self.threads}", "batch >= 1, iterations >= 1, warmup >= 0, threads >= 1",
+                              "fix --batch / --iterations / --warmup / --threads")
+
+
+@dataclass
+class Artifact:
+    """One artifact directory and its manifest."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+
+RunnerFactory = Callable[[Artifact, BenchSettings], Runner]
+
+
+def load_artifacts(dirs: Sequence[str | Path]) -> list[Artifact]:
+    """Read every manifest first; names are the directory names, made unique with ``#2``, ``#3``."""
+    if not dirs:
+        raise ConfigError("no artifact directory given", "one or more ARTIFACT_DIRs", "pass artifact directories")
+    out: list[Artifact] = []
+    for d in dirs:
+        path = Path(d)
+        manifest = read_manifest(path)
+        name, k = path.resolve().name, 2
+        while any(a.name == name for a in out):
+            name, k = f"{path.resolve().name}#{k}", k + 1
+        out.append(Artifact(name, path, manifest))
+    return out
+
+
+def batch_shape(inp: dict[str, Any], batch: int) -> tuple[int, ...]:
+    """The manifest's opt shape with every ``batch`` axis set to ``batch`` (checked against min/max)."""
+    shape = list(inp["opt_shape"])
+    for i, axis in enumerate(inp["axes"]):
+        if axis == "batch":
+            lo, hi = inp["min_shape"][i], inp["max_shape"][i]
+            if not lo <= batch <= hi:
+                raise ConfigError(f"--batch {batch} for input {inp['name']!r}",
+                                  f"a batch the artifact was exported for ({lo}..{hi})",
+                                  "pass a batch in that range or re-export with a wider --batch")
+            shape[i] = batch
+    return tuple(shape)
+
+
+def input_array(inp: dict[str, Any], shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Masks all ones, type ids zero, token ids in TOKEN_ID_RANGE, floating inputs standard normal."""
+    name, dtype = inp["name"], _numpy_dtype(inp)
+    if "mask" in name:
+        return np.ones(shape, dtype)
+    if np.issubdtype(dtype, np.integer):
+        return np.zeros(shape, dtype) if "type" in name else rng.integers(*TOKEN_ID_RANGE, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def build_feed(manifest: dict[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i["name"]: input_array(i, batch_shape(i, batch), rng) for i in manifest["inputs"]}
+
+
+def _numpy_dtype(inp: dict[str, Any]) -> np.dtype:
+    try:
+        return np.dtype(inp["dtype"])
+    except TypeError as e:
+        raise ConfigError(f"input {inp['name']!r} has dtype {inp['dtype']!r}, which numpy cannot build",
+                          "float32 / float16 / int64 inputs", "benchmark an fp32 or fp16 export") from e
+
+
+def artifact_size(art: Artifact) -> dict[str, Any]:
+    """Bytes of model.onnx and its external data (the files the manifest lists)."""
+    files = art.manifest.get("files") or {}
+    onnx_file = art.path / files.get("model", "model.onnx")
+    data_file = art.path / files["external_data"] if files.get("external_data") else None
+    onnx_bytes = onnx_file.stat().st_size if onnx_file.is_file() else 0
+    data_bytes = data_file.stat().st_size if data_file and data_file.is_file() else 0
+    return {"onnx_bytes": onnx_bytes, "data_bytes": data_bytes, "total_mb": round((onnx_bytes + data_bytes) / MB, 2)}
+
+
+def describe(art: Artifact) -> dict[str, Any]:
+    m = art.manifest
+    return {"name": art.name, "path": str(art.path), "backbone": m.get("backbone"), "method": m.get("method"),
+            "form": m.get("form"), "dtype": m.get("dtype"), "variant": (m.get("source") or {}).get("variant"),
+            "prompt_len": (m.get("method_config") or {}).get("prompt_len") if m.get("method") != "none" else 0,
+            "fused_op_nodes": (m.get("fused_op") or {}).get("count")}
+
+
+def default_factory(art: Artifact, settings: BenchSettings) -> Runner:
+    return make_runner(settings.backend, art.path, threads=settings.threads)
+
+
+def prepare(art: Artifact, settings: BenchSettings, factory: RunnerFactory) -> tuple[Runner, dict, dict]:
+    """Runner created and warmed up under the RSS sampler; returns (runner, feed, memory)."""
+    feed = build_feed(art.manifest, settings.batch, settings.seed)
+    with timed_step(f"load + warm up {art.name} ({settings.warmup} runs)", log), PeakRssSampler() as mem:
+        runner = factory(art, settings)
+        runner.activate()
+        for _ in range(settings.warmup):
+            runner.infer(feed)
+        runner.synchronize()
+    return runner, feed, mem.to_json()
+
+
+def _preimport(backend: str) -> None:
+    import importlib
+
+    module = BACKEND_IMPORTS.get(backend)
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # the runner raises the proper MissingDependencyError when it activates
+
+
+def _round_ticker(total: int, desc: str) -> Callable[[int], None]:
+    """An ``on_round`` callback that advances apt_deploy.progress's bar / log lines."""
+    ticks: Iterator[int] = progress(range(total), total=total, desc=desc)
+
+    def tick(_round: int) -> None:
+        next(ticks, None)
+        if _round == total - 1:
+            next(ticks, None)  # exhaust so a bar closes
+
+    return tick
+
+
+def benchmark(dirs: Sequence[str | Path], settings: BenchSettings | None = None,
+              factory: RunnerFactory | None = None, clock: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Time every artifact interleaved in this process; returns the JSON report (module docstring)."""
+    settings, factory, clock = settings or BenchSettings(), factory or default_factory, clock or time.perf_counter
+    artifacts = load_artifacts(dirs)
+    _preimport(settings.backend)
+    load_before, prepared = load_average(), []
+    try:
+        for art in artifacts:
+            prepared.append(prepare(art, settings, factory))
+        runners, feeds = [p[0] for p in prepared], [p[1] for p in prepared]
+        with timed_step(f"time {len(runners)} artifacts x {settings.iterations} interleaved", log), \
+                OtherLoadMeter() as other:
+            times = time_interleaved(runners, feeds, settings.iterations, warmup=1, clock=clock,
+                                     on_round=_round_ticker(settings.iterations, "bench"))
+    finally:
+        for runner, _, _ in prepared:
+            runner.deactivate()
+    load = {"before": load_before, "after": load_average(), "other_processes_cores": round(other.other_cores, 3)}
+    return build_report(artifacts, [p[2] for p in prepared], times, settings, load)
+
+
+def build_report(artifacts: list[Artifact], memory: list[dict], times: list[list[float]],
+                 settings: BenchSettings, load: dict[str, Any]) -> dict[str, Any]:
+    stats = {a.name: summarize(t, settings.batch) for a, t in zip(artifacts, times)}
+    ratios = ratio_table(stats, "p50_ms")
+    entries = [{**describe(a), "input_shapes": {i["name"]: list(batch_shape(i, settings.batch))
+                                                for i in a.manifest["inputs"]},
+                "size": artifact_size(a), "memory": mem, "stats": stats[a.name], "ratio_p50": ratios[a.name],
+                "overhead_p50": ratios[a.name] - 1.0, "times_ms": [round(s * 1e3, 4) for s in t]}
+               for a, mem, t in zip(artifacts, memory, times)]
+    _warn_load(load)
+    peak = process_peak_rss_bytes()
+    return {"kind": REPORT_KIND, "schema_version": SCHEMA_VERSION, "created": now_iso(), "machine": machine_info(),
+            "versions": tool_versions(), "settings": asdict(settings), "load": load,
+            "memory_method": MEMORY_METHOD, "process_peak_rss_mb": round(peak / MB, 1) if peak else None,
+            "artifacts": entries}
+
+
+def _warn_load(load: dict[str, Any]) -> None:
+    if load["other_processes_cores"] > HIGH_OTHER_LOAD_CORES:
+        log.warning("other processes used %.2f cores while timing (load average %s): these numbers are noisy; "
+                    "re-run on an idle machine", load["other_processes_cores"], load["after"])
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A readable fixed-width table of a report (the CLI prints it)."""
+    head = (f"{'artifact':<24} {'method':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean±std ms':>16} "
+            f"{'items/s':>9} {'x p50':>7} {'peak ΔRSS MB':>13} {'size MB':>9}")
+    lines = [head, "-" * len(head)]
+    for a in report["artifacts"]:
+        s = a["stats"]
+        mean = f"{s['mean_ms']:.2f}±{s['std_ms']:.2f}"
+        lines.append(f"{a['name'][:24]:<24} {str(a['method'])[:12]:<12} {s['p50_ms']:>9.2f} {s['p90_ms']:>9.2f} "
+                     f"{s['p99_ms']:>9.2f} {mean:>16} {s['throughput_per_s']:>9.2f} {a['ratio_p50']:>7.3f} "
+                     f"{a['memory']['peak_rss_delta_mb']:>13.1f} {a['size']['total_mb']:>9.1f}")
+    st, ld = report["settings"], report["load"]
+    lines.append(f"backend {st['backend']}, batch {st['batch']}, {st['iterations']} iterations interleaved after "
+                 f"{st['warmup']} warm-up, threads {st['threads'] or 'default'}; machine: {report['machine']['machine_key']}; "
+                 f"other processes used {ld['other_processes_cores']:.2f} cores while timing")
+    return "\n".join(lines)
