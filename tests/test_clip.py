@@ -145,14 +145,6 @@ def test_load_prompts_rejects_mismatches(clip_dir, tmp_path, case):
         load_prompts(target, prompts, **kwargs)
 
 
-def _export_or_skip():
-    try:
-        from exporters.onnx_export import export_artifact
-    except ImportError as e:  # the exporter is optional for the torch-only checks above
-        pytest.skip(f"exporters.onnx_export not importable: {e}")
-    return export_artifact
-
-
 def test_export_artifact_matches_full_clip_with_prompt_learner(clip_dir, tmp_path):
     """ONNX (image tower with fused APT + one class GEMM) vs the full PyTorch CLIP with CoOp's text tower."""
     import numpy as np
@@ -163,7 +155,8 @@ def test_export_artifact_matches_full_clip_with_prompt_learner(clip_dir, tmp_pat
     from apt_deploy.settings import ExportSettings
     from exporters import fused_op
 
-    export_artifact = _export_or_skip()
+    from exporters.onnx_export import export_artifact
+
     model, _ = clip_with_method(clip_dir, "apt+coop")
     artifact = export_artifact(model, tmp_path / "artifact", ExportSettings(batch_max=4))
     proto = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
