@@ -1,0 +1,1 @@
+"""Reproducible experiments behind the committed results (scripts/ holds thin wrappers around these)."""

@@ -1,0 +1,99 @@
+"""Plot measured vs predicted latency overhead over the base model from bench_variants.py's JSON.
+
+    python scripts/plot_overhead.py benchmarks/results/vilt_b_variants.json --out docs/img/overhead.png
+
+Left: overhead vs prompt count p (384 px). Right: overhead vs sequence length n (image 224/384/512 px,
+p = 200). Markers are measured p50 ratios - 1; the dashed line is the MAC prediction (engines/flops.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SERIES = {("apt", "fused"): ("APT, fused op", "o-"), ("apt", "opfree"): ("APT, op-free", "s-"),
+          ("deep_prompt", "prefix"): ("deep prompt, prefix K/V", "^-")}
+
+
+def series(rows: list[dict[str, Any]], x_key: str) -> dict[tuple[str, str], tuple[list, list, list]]:
+    """(method, form) -> (x, measured %, predicted %), sorted by x."""
+    out: dict[tuple[str, str], tuple[list, list, list]] = {}
+    for r in sorted(rows, key=lambda r: r[x_key]):
+        key = (r["method"], r["form"])
+        if key in SERIES:
+            xs, meas, pred = out.setdefault(key, ([], [], []))
+            xs.append(r[x_key])
+            meas.append(100 * r["overhead_measured"])
+            pred.append(100 * r["overhead_predicted"])
+    return out
+
+
+def panel(ax: Any, rows: list[dict[str, Any]], x_key: str, xlabel: str, title: str) -> None:
+    data = series(rows, x_key)
+    for key, (xs, meas, _) in data.items():
+        label, style = SERIES[key]
+        ax.plot(xs, meas, style, label=f"{label} (measured)")
+    xs, _, pred = data[("apt", "fused")]
+    ax.plot(xs, pred, "k--", label="MAC prediction, APT = prefix K/V (2·n·p·d per block)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel=xlabel, ylabel="p50 latency overhead over base (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = results["groups"]
+    panel(left, groups["prompt_len"]["rows"], "p", "prompt count p", "overhead vs p (384 px, n = 185)")
+    panel(right, groups["image_size"]["rows"], "tokens", "sequence length n (40 text + image tokens)",
+          "overhead vs n (224/384/512 px, p = 200)")
+    machine = groups["prompt_len"]["report"]["machine"]
+    cfg = results["vilt_config"]
+    fig.suptitle(f"ViLT (d={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) on ONNX Runtime CPU ({machine['cpu_model']}, {machine['usable_cores']} cores), batch 1",
+                 fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def markdown_table(group: dict[str, Any]) -> str:
+    """One group's rows as the markdown table docs/benchmarks.md quotes."""
+    stats = {a["name"]: a for a in group["report"]["artifacts"]}
+    lines = ["| variant | p | image px | n | p50 ms | p90 ms | p99 ms | overhead measured | MAC prediction | "
+             "measured / predicted | peak ΔRSS MB | size MB |", "|" + "---|" * 12]
+    for r in group["rows"]:
+        a, ratio = stats[r["name"]], r["measured_over_predicted"]
+        lines.append(f"| {r['name']} | {r['p']} | {r['image']} | {r['tokens']} | {a['stats']['p50_ms']:.1f} | "
+                     f"{a['stats']['p90_ms']:.1f} | {a['stats']['p99_ms']:.1f} | {100 * r['overhead_measured']:+.1f} % | "
+                     f"{100 * r['overhead_predicted']:+.1f} % | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{a['memory']['peak_rss_delta_mb']:.0f} | {a['size']['total_mb']:.0f} |")
+    load = group["report"]["load"]
+    lines.append(f"\nOther processes used {load['other_processes_cores']:.2f} cores while timing "
+                 f"(load average before {load['before']}, after {load['after']}); attempts: {group['attempts']}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="?", default="benchmarks/results/vilt_b_variants.json")
+    p.add_argument("--out", default="docs/img/overhead.png")
+    p.add_argument("--markdown", action="store_true", help="also print each group as a markdown table")
+    args = p.parse_args(argv)
+    results = json.loads(Path(args.results).read_text())
+    print(f"wrote {plot(results, Path(args.out))}")
+    for name, group in results["groups"].items() if args.markdown else ():
+        print(f"\n### {name}\n\n{markdown_table(group)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
