@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from apt_deploy.fileio import write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 SERIES = {("apt", "fused"): ("APT, fused op", "o-"), ("apt", "opfree"): ("APT, op-free", "s-"),
           ("deep_prompt", "prefix"): ("deep prompt, prefix K/V", "^-")}
@@ -86,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="?", default="benchmarks/results/vilt_b_variants.json")
     p.add_argument("--out", default="docs/img/overhead.png")
-    p.add_argument("--markdown", action="store_true", help="also print each group as a markdown table")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write each group as a markdown table to FILE")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = json.loads(Path(args.results).read_text())
-    print(f"wrote {plot(results, Path(args.out))}")
-    for name, group in results["groups"].items() if args.markdown else ():
-        print(f"\n### {name}\n\n{markdown_table(group)}")
+    log.info("wrote %s", plot(results, Path(args.out)))
+    if args.markdown:
+        tables = [f"### {name}\n\n{markdown_table(group)}\n" for name, group in results["groups"].items()]
+        write_bytes_atomic(args.markdown, "\n".join(tables).encode())
+        log.info("wrote %s", args.markdown)
     return 0
 
 
