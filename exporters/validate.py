@@ -137,6 +137,8 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
     onnx_path = directory / manifest["files"]["model"]
+    runner = make_runner(backend, directory)
+    runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before any model is loaded
     report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
     report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
     folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
@@ -145,7 +147,7 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
                        tuple(i["max_shape"])) for i in manifest["inputs"]]
     tol, seed = parity_tolerance(manifest["dtype"]), manifest["export_settings"]["seed"] if seed is None else seed
     runs = []
-    with make_runner(backend, directory) as runner:
+    with runner:
         for i, which in enumerate(CHECK_SHAPES):
             feed = spec.dummy_inputs(folded, specs, which, seed + 1 + i)
             expected = torch_outputs(spec.export_module(folded), spec, folded, feed)
