@@ -8,7 +8,6 @@ recipe's extras as ``head.*``, ``pooler.*``, ``embeddings.modality_type.weight``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,14 +19,13 @@ from torch import nn
 from apt_deploy.backbones import BackboneSpec, get_backbone, spec_for_model
 from apt_deploy.errors import CheckpointError, ConfigError, InputPathError
 from apt_deploy.fileio import atomic_directory, write_json_atomic
-from apt_deploy.methods.apt import APTConfig, is_apt_host
+from apt_deploy.methods.apt import is_apt_host
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
-from apt_deploy.tuning import CLIP_METHODS, apply_apt, apply_clip_method, apply_deep_prompt, base_fingerprint
+from apt_deploy.tuning import APT_METHODS, base_fingerprint
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME, TENSORS_NAME = "apt_config.json", "prompts.safetensors"
-_CONFIG_FIELDS = ("prompt_len", "rank", "dropout", "train_log_scale", "init_std", "train_head", "cls_token_id")
 
 
 def trained_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -35,7 +33,7 @@ def trained_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     state = _state(model)
     spec = get_backbone(state.backbone)
     out: dict[str, nn.Parameter] = {}
-    sites = spec.apt_sites(model) if state.method in ("apt", "apt+coop") else spec.deep_prompt_sites(model)
+    sites = spec.apt_sites(model) if state.method in APT_METHODS else spec.deep_prompt_sites(model)
     for site in sites:
         module = site.module
         if is_apt_host(module):
@@ -95,11 +93,7 @@ def load_prompts(model: nn.Module, directory: str | Path, class_names: list[str]
     cfg = read_prompt_config(directory)
     spec = spec_for_model(model)
     _check_compatible(model, spec, cfg)
-    if cfg["backbone"] == "clip":
-        _apply_clip_from_config(model, cfg, class_names)
-    else:
-        config = APTConfig(**{k: cfg[k] for k in _CONFIG_FIELDS if k in cfg}, method=cfg["method"])
-        (apply_apt if cfg["method"] == "apt" else apply_deep_prompt)(model, config)
+    spec.apply_method_from_config(model, cfg, class_names=class_names)
     _copy_tensors(model, _read_tensors(Path(directory) / TENSORS_NAME))
     return model
 
@@ -116,10 +110,7 @@ def _config_json(model: nn.Module, spec: BackboneSpec, state) -> dict[str, Any]:
 
     cfg: dict[str, Any] = {"format_version": FORMAT_VERSION, "method": state.method, "backbone": spec.name,
                            "hidden_size": spec.hidden_size(model), "num_layers": spec.num_layers(model)}
-    if spec.name == "clip":
-        cfg.update(_clip_config_json(model, state))
-    else:
-        cfg.update({k: getattr(state.config, k) for k in _CONFIG_FIELDS})
+    cfg.update(spec.method_config_json(model, state))
     cfg["base_fingerprint"] = state.base_fingerprint
     if getattr(model.config, "id2label", None) and hasattr(model, "classifier"):
         cfg["labels"] = [model.config.id2label[i] for i in range(len(model.config.id2label))]
@@ -131,9 +122,9 @@ def _check_compatible(model: nn.Module, spec: BackboneSpec, cfg: dict[str, Any])
     if cfg["backbone"] != spec.name:
         raise CheckpointError(f"prompts were trained on backbone {cfg['backbone']!r} but the model is {spec.name!r}",
                               "prompts and model of the same backbone", "pass the model the prompts were trained on")
-    known = CLIP_METHODS if spec.name == "clip" else ("apt", "deep_prompt")
-    if cfg["method"] not in known:
-        raise CheckpointError(f"unknown method {cfg['method']!r} for backbone {spec.name!r}", f"one of {', '.join(known)}")
+    if cfg["method"] not in spec.methods:
+        raise CheckpointError(f"unknown method {cfg['method']!r} for backbone {spec.name!r}",
+                              f"one of {', '.join(spec.methods)}")
     for key, actual in (("hidden_size", spec.hidden_size(model)), ("num_layers", spec.num_layers(model))):
         if cfg[key] != actual:
             raise CheckpointError(f"prompts have {key}={cfg[key]} but the model has {key}={actual}",
@@ -174,54 +165,3 @@ def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                                   "a checkpoint trained on this model (same label count, prompt length, rank)")
         with torch.no_grad():
             param.copy_(t.to(param.dtype))
-
-
-# --- CLIP (methods coop, gram, apt, apt+coop): class names, token ids and both configs -----------
-def _clip_config_json(model: nn.Module, state) -> dict[str, Any]:
-    """CLIP fields of apt_config.json: class names + their token ids (no tokenizer needed to load),
-    the CoOp and APT settings, the text width, and the GRAM regulator's shape when one is attached."""
-    coop, apt = state.config.coop, state.config.apt
-    out: dict[str, Any] = {"prompt_len": apt.prompt_len if apt else coop.context_len, "context_len": coop.context_len,
-                           "text_hidden_size": int(model.config.text_config.hidden_size),
-                           "coop": dataclasses.asdict(coop), "apt": dataclasses.asdict(apt) if apt else None}
-    out.update(model.prompt_learner.prompts.to_json())
-    regulator = getattr(model, "gram_regulator", None)
-    if regulator is not None:
-        out["gram_regulator"] = regulator.config_json()
-    return out
-
-
-def _apply_clip_from_config(model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None) -> None:
-    from apt_deploy.methods.coop import ClassPrompts, CoOpConfig
-
-    _check_clip_fields(model, cfg, class_names)
-    prompts = ClassPrompts.from_json(cfg)
-    coop = CoOpConfig(**cfg["coop"])
-    apt = APTConfig(**cfg["apt"]) if cfg.get("apt") else None
-    apply_clip_method(model, cfg["method"], prompts, coop, apt)
-    if cfg.get("gram_regulator"):
-        from apt_deploy.methods.gram import GradientRegulator
-
-        model.gram_regulator = GradientRegulator.from_config_json(cfg["gram_regulator"])
-
-
-def _check_clip_fields(model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None) -> None:
-    for key in ("class_names", "class_token_ids", "special_tokens", "coop", "text_hidden_size"):
-        if key not in cfg:
-            raise CheckpointError(f"{CONFIG_NAME} of a CLIP checkpoint lacks {key!r}", "the fields save_prompts writes for CLIP")
-    names, ids = cfg["class_names"], cfg["class_token_ids"]
-    if len(names) != len(ids):
-        raise CheckpointError(f"{len(names)} class names but {len(ids)} tokenised class prompts", "one per class",
-                              "re-save the prompts; the config was edited by hand")
-    if class_names is not None and list(class_names) != list(names):
-        raise CheckpointError(f"{len(class_names)} class names given ({list(class_names)[:5]}...) but the prompts were "
-                              f"trained for {len(names)} ({names[:5]}...)", "the same class names in the same order",
-                              "pass the class names from the checkpoint's apt_config.json (or retrain)")
-    text = model.config.text_config
-    if cfg["text_hidden_size"] != text.hidden_size:
-        raise CheckpointError(f"prompts have text_hidden_size={cfg['text_hidden_size']} but the model has "
-                              f"{text.hidden_size}", "the base model the prompts were trained on", "pass the matching --model")
-    used = [i for row in ids for i in row] + list(cfg["special_tokens"].values()) + list(cfg.get("context_init_ids") or [])
-    if used and max(used) >= text.vocab_size:
-        raise CheckpointError(f"token id {max(used)} in the checkpoint is outside the text vocabulary of {text.vocab_size}",
-                              "ids from the model's own tokenizer", "pass the model the prompts were trained on")

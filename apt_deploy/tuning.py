@@ -22,7 +22,7 @@ from apt_deploy.methods.coop import ClassPrompts, ClipMethodConfig, CoOpConfig, 
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
 
 log = logging.getLogger(__name__)
-METHODS = ("apt", "deep_prompt")
+APT_METHODS = ("apt", "apt+coop")  # methods whose sites hold APT modules
 
 
 @dataclass

@@ -137,9 +137,9 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
     onnx_path = directory / manifest["files"]["model"]
-    runner = make_runner(backend, directory)
-    runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before any model is loaded
     report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
+    runner = make_runner(backend, directory)
+    runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before the PyTorch model is loaded
     report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
     folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
     spec = get_backbone(manifest["backbone"])

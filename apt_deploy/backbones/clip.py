@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from apt_deploy.backbones.registry import BackboneSpec, InputSpec, ShapeSettings, Site, register_backbone
-from apt_deploy.errors import ConfigError, InputPathError
+from apt_deploy.errors import CheckpointError, ConfigError, InputPathError
 
 SUPPORTED = ("CLIPModel",)
 
@@ -115,6 +115,19 @@ class ClipSpec(BackboneSpec):
         if regulator is not None:
             out.update({f"gram.regulator.{n}": p for n, p in regulator.named_parameters()})
         return out
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        from apt_deploy.tuning import CLIP_METHODS
+
+        return CLIP_METHODS
+
+    def method_config_json(self, model: nn.Module, state: Any) -> dict[str, Any]:
+        return _clip_config_json(model, state)
+
+    def apply_method_from_config(self, model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None = None,
+                                 **options: Any) -> None:
+        _apply_clip_from_config(model, cfg, class_names)
 
     def manifest_extras(self, model: nn.Module) -> dict[str, Any]:
         learner = getattr(model, "prompt_learner", None)
@@ -221,3 +234,57 @@ def _check_model_dir(model_dir: Path) -> None:
     if archs[0] not in SUPPORTED:
         raise ConfigError(f"model architecture {archs[0]!r}", f"one of {', '.join(SUPPORTED)}",
                           "save the full CLIPModel (both towers), not a single tower")
+
+
+def _clip_config_json(model: nn.Module, state) -> dict[str, Any]:
+    """CLIP fields of apt_config.json: class names + their token ids (no tokenizer needed to load),
+    the CoOp and APT settings, the text width, and the GRAM regulator's shape when one is attached."""
+    import dataclasses
+
+    coop, apt = state.config.coop, state.config.apt
+    out: dict[str, Any] = {"prompt_len": apt.prompt_len if apt else coop.context_len, "context_len": coop.context_len,
+                           "text_hidden_size": int(model.config.text_config.hidden_size),
+                           "coop": dataclasses.asdict(coop), "apt": dataclasses.asdict(apt) if apt else None}
+    out.update(model.prompt_learner.prompts.to_json())
+    regulator = getattr(model, "gram_regulator", None)
+    if regulator is not None:
+        out["gram_regulator"] = regulator.config_json()
+    return out
+
+
+def _apply_clip_from_config(model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None) -> None:
+    from apt_deploy.methods.apt import APTConfig
+    from apt_deploy.methods.coop import ClassPrompts, CoOpConfig
+    from apt_deploy.tuning import apply_clip_method
+
+    _check_clip_fields(model, cfg, class_names)
+    prompts = ClassPrompts.from_json(cfg)
+    coop = CoOpConfig(**cfg["coop"])
+    apt = APTConfig(**cfg["apt"]) if cfg.get("apt") else None
+    apply_clip_method(model, cfg["method"], prompts, coop, apt)
+    if cfg.get("gram_regulator"):
+        from apt_deploy.methods.gram import GradientRegulator
+
+        model.gram_regulator = GradientRegulator.from_config_json(cfg["gram_regulator"])
+
+
+def _check_clip_fields(model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None) -> None:
+    for key in ("class_names", "class_token_ids", "special_tokens", "coop", "text_hidden_size"):
+        if key not in cfg:
+            raise CheckpointError(f"apt_config.json of a CLIP checkpoint lacks {key!r}", "the fields save_prompts writes for CLIP")
+    names, ids = cfg["class_names"], cfg["class_token_ids"]
+    if len(names) != len(ids):
+        raise CheckpointError(f"{len(names)} class names but {len(ids)} tokenised class prompts", "one per class",
+                              "re-save the prompts; the config was edited by hand")
+    if class_names is not None and list(class_names) != list(names):
+        raise CheckpointError(f"{len(class_names)} class names given ({list(class_names)[:5]}...) but the prompts were "
+                              f"trained for {len(names)} ({names[:5]}...)", "the same class names in the same order",
+                              "pass the class names from the checkpoint's apt_config.json (or retrain)")
+    text = model.config.text_config
+    if cfg["text_hidden_size"] != text.hidden_size:
+        raise CheckpointError(f"prompts have text_hidden_size={cfg['text_hidden_size']} but the model has "
+                              f"{text.hidden_size}", "the base model the prompts were trained on", "pass the matching --model")
+    used = [i for row in ids for i in row] + list(cfg["special_tokens"].values()) + list(cfg.get("context_init_ids") or [])
+    if used and max(used) >= text.vocab_size:
+        raise CheckpointError(f"token id {max(used)} in the checkpoint is outside the text vocabulary of {text.vocab_size}",
+                              "ids from the model's own tokenizer", "pass the model the prompts were trained on")

@@ -118,6 +118,23 @@ class BackboneSpec:
         """The module to export / compare (default: the model itself; CLIP: image tower + class GEMM)."""
         return model
 
+    methods: tuple[str, ...] = ("apt", "deep_prompt")
+    # APTConfig fields recorded in apt_config.json by the default method_config_json
+    CONFIG_FIELDS: tuple[str, ...] = ("prompt_len", "rank", "dropout", "train_log_scale", "init_std", "train_head",
+                                      "cls_token_id")
+
+    def method_config_json(self, model: nn.Module, state: Any) -> dict[str, Any]:
+        """The method's settings as written to ``apt_config.json`` (default: the APTConfig fields)."""
+        return {k: getattr(state.config, k) for k in self.CONFIG_FIELDS}
+
+    def apply_method_from_config(self, model: nn.Module, cfg: dict[str, Any], **options: Any) -> None:
+        """Re-apply a checkpoint's method to a plain model, before its tensors are loaded."""
+        from apt_deploy.methods.apt import APTConfig
+        from apt_deploy.tuning import apply_apt, apply_deep_prompt
+
+        config = APTConfig(**{k: cfg[k] for k in self.CONFIG_FIELDS if k in cfg}, method=cfg["method"])
+        (apply_apt if cfg["method"] == "apt" else apply_deep_prompt)(model, config)
+
     def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
         """Checkpoint prefix -> module whose parameters train besides the method's own."""
         return {}
