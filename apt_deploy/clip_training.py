@@ -16,38 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apt_deploy.errors import ConfigError
+from apt_deploy.settings import ClipTrainSettings, DEFAULT_LR
 
 if TYPE_CHECKING:  # torch is imported lazily: `apt-deploy train --help` works without it
     import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
-DEFAULT_LR = {"sgd": 2e-3, "adamw": 5e-4}
-
-
-@dataclass(frozen=True)
-class ClipTrainSettings:
-    steps: int = 200
-    batch_size: int = 32
-    lr: float | None = None  # None: 2e-3 for sgd (CoOp), 5e-4 for adamw (APT)
-    optimizer: str | None = None  # None: sgd for coop/gram, adamw when APT trains
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    seed: int = 0
-
-    def resolved(self, method: str) -> tuple[str, float]:
-        opt = self.optimizer or ("adamw" if method.startswith("apt") else "sgd")
-        if opt not in DEFAULT_LR:
-            raise ConfigError(f"optimizer {opt!r}", f"one of {', '.join(DEFAULT_LR)}")
-        return opt, self.lr if self.lr is not None else DEFAULT_LR[opt]
-
-
 def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags used only with ``--backbone clip`` (the shared ones: --model --data --eval-data --out ...)."""
     g = parser.add_argument_group("CLIP (--backbone clip; methods coop, gram, apt, apt+coop)")

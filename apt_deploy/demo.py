@@ -7,24 +7,12 @@ accuracies show that the pipeline learns, not what APT achieves on a pretrained 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from apt_deploy.settings import DemoSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    workdir: str = "apt-deploy-demo"
-    steps: int = 1500
-    batch_size: int = 32
-    num_train: int = 2000
-    num_test: int = 500
-    prompt_len: int = 50  # the official code's default; the published ViLT-B runs use 200 at d=768
-    rank: int = 4
-    latency_iterations: int = 100
-    seed: int = 0
 
 
 def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Tolerances are data, declared once with the reason, and printed in every parity 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -93,3 +93,75 @@ class TrainSettings:
         if self.weight_decay < 0 or self.eval_every < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
             raise ConfigError(f"weight_decay={self.weight_decay}, eval_every={self.eval_every}, grad_clip={self.grad_clip}",
                               "weight_decay >= 0, eval_every >= 0, grad_clip None or > 0")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: str = "apt-deploy-demo"
+    steps: int = 1500
+    batch_size: int = 32
+    num_train: int = 2000
+    num_test: int = 500
+    prompt_len: int = 50  # the official code's default; the published ViLT-B runs use 200 at d=768
+    rank: int = 4
+    latency_iterations: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``apt-deploy bench`` does; CLI flags override only what is given."""
+
+    backend: str = "onnxruntime"
+    batch: int = 1
+    iterations: int = 30
+    warmup: int = 3
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from apt_deploy.errors import ConfigError
+
+        if self.batch < 1 or self.iterations < 1 or self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"batch={self.batch}, iterations={self.iterations}, warmup={self.warmup}, "
+                              f"threads={self.threads}", "batch >= 1, iterations >= 1, warmup >= 0, threads >= 1",
+                              "fix --batch / --iterations / --warmup / --threads")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything that changes the built engine (all of it goes into the cache key)."""
+
+    precision: str = "fp32"
+    use_plugin: bool = True
+    plugin_mode: str = "auto"  # resolved to "aot" / "jit" before hashing when the plugin is used
+    workspace_bytes: int | None = None
+    builder_optimization_level: int | None = None
+    tf32: bool = False
+    profiles: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_LR = {"sgd": 2e-3, "adamw": 5e-4}
+
+
+@dataclass(frozen=True)
+class ClipTrainSettings:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float | None = None  # None: 2e-3 for sgd (CoOp), 5e-4 for adamw (APT)
+    optimizer: str | None = None  # None: sgd for coop/gram, adamw when APT trains
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+    def resolved(self, method: str) -> tuple[str, float]:
+        from apt_deploy.errors import ConfigError
+
+        opt = self.optimizer or ("adamw" if method.startswith("apt") else "sgd")
+        if opt not in DEFAULT_LR:
+            raise ConfigError(f"optimizer {opt!r}", f"one of {', '.join(DEFAULT_LR)}")
+        return opt, self.lr if self.lr is not None else DEFAULT_LR[opt]

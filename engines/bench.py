@@ -29,6 +29,7 @@ from engines.machine import (MB, OtherLoadMeter, PeakRssSampler, load_average, m
                              process_peak_rss_bytes)
 from engines.runners import Runner, make_runner
 from engines.timing import ratio_table, summarize, time_interleaved
+from apt_deploy.settings import BenchSettings
 
 log = logging.getLogger(__name__)
 REPORT_KIND, SCHEMA_VERSION = "apt-deploy-bench", 1
@@ -43,24 +44,6 @@ MEMORY_METHOD = (
     "transient buffers); resident_delta_mb = what stays resident after warm-up. process_peak_rss_mb is "
     "getrusage ru_maxrss of the whole bench process. Never sampled during timing. Valid in a fresh process (as "
     "apt-deploy bench runs): memory an earlier session in the same process freed is reused without raising RSS.")
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What ``apt-deploy bench`` does; CLI flags override only what is given."""
-
-    backend: str = "onnxruntime"
-    batch: int = 1
-    iterations: int = 30
-    warmup: int = 3
-    threads: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch < 1 or self.iterations < 1 or self.warmup < 0 or (self.threads is not None and self.threads < 1):
-            raise ConfigError(f"batch={self.batch}, iterations={self.iterations}, warmup={self.warmup}, "
-                              f"threads={self.threads}", "batch >= 1, iterations >= 1, warmup >= 0, threads >= 1",
-                              "fix --batch / --iterations / --warmup / --threads")
 
 
 @dataclass

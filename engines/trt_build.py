@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,12 @@ from apt_deploy.errors import ConfigError, InputPathError
 from apt_deploy.features import require
 from apt_deploy.fileio import write_bytes_atomic, write_json_atomic
 from apt_deploy.progress import timed_step
+from apt_deploy.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16")
 METADATA_SUFFIX = ".json"
 KEY_SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Everything that changes the built engine (all of it goes into the cache key)."""
-
-    precision: str = "fp32"
-    use_plugin: bool = True
-    plugin_mode: str = "auto"  # resolved to "aot" / "jit" before hashing when the plugin is used
-    workspace_bytes: int | None = None
-    builder_optimization_level: int | None = None
-    tf32: bool = False
-    profiles: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = field(default=())
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def default_engine_path(artifact_dir: str | Path, precision: str, use_plugin: bool = True) -> Path:

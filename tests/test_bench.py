@@ -20,7 +20,8 @@ import engines.bench
 from apt_deploy.cli import main
 from apt_deploy.errors import ConfigError, RegressionError
 from engines import baseline as bl
-from engines.bench import BenchSettings, benchmark, build_feed, load_artifacts
+from apt_deploy.settings import BenchSettings
+from engines.bench import benchmark, build_feed, load_artifacts
 from engines.runners import BACKENDS, CallableRunner
 
 

@@ -115,7 +115,8 @@ def test_regulator_keeps_row_norms_and_mixes_with_the_gate():
 def test_meta_train_then_regulated_tuning_saves_and_reloads_the_regulator(clip_dir, tmp_path):
     from apt_deploy.backbones import get_backbone
     from apt_deploy.checkpoint import load_prompts, save_prompts, trained_tensors
-    from apt_deploy.clip_training import ClipTrainSettings, train_clip
+    from apt_deploy.clip_training import train_clip
+    from apt_deploy.settings import ClipTrainSettings
     from apt_deploy.data.imagefolder import ClassificationData
     from apt_deploy.methods.gram import GramConfig, meta_train
 

@@ -18,7 +18,8 @@ from apt_deploy.errors import ConfigError, MissingDependencyError
 from apt_deploy.features import has, why_missing
 from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
 from engines.plugins import apt_plugin
-from engines.trt_build import EngineSettings, check_precision, engine_cache_key
+from apt_deploy.settings import EngineSettings
+from engines.trt_build import check_precision, engine_cache_key
 from engines.trt_runner import check_compatible
 
 BLOCKED = "tensorrt triton torch onnx onnxruntime onnxscript polygraphy".split()

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from apt_deploy.fileio import write_json_atomic
     from engines import baseline as bl
-    from engines.bench import BenchSettings, benchmark, format_table, load_artifacts
+    from apt_deploy.settings import BenchSettings
+    from engines.bench import benchmark, format_table, load_artifacts
 
     thresholds = bl.Thresholds(bl.parse_percent(args.max_regression, "--max-regression"),
                                bl.parse_percent(args.max_regression_p99, "--max-regression-p99"))

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apt_deploy.demo import DemoSettings, run_demo
+    from apt_deploy.demo import run_demo
+    from apt_deploy.settings import DemoSettings
 
     settings = DemoSettings(workdir=args.workdir, steps=args.steps, batch_size=args.batch_size,
                             num_train=args.num_train, num_test=args.num_test, prompt_len=args.prompt_len,

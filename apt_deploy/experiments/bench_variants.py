@@ -28,7 +28,8 @@ from typing import Any
 
 from apt_deploy.fileio import write_json_atomic
 from apt_deploy.manifest import now_iso
-from engines.bench import BenchSettings, benchmark, format_table
+from apt_deploy.settings import BenchSettings
+from engines.bench import benchmark, format_table
 from engines.flops import VitShape, block_floor, model_macs, predicted_overhead
 
 log = logging.getLogger("bench_variants")

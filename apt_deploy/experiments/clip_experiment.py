@@ -46,7 +46,8 @@ def run_method(method: str, model_dir: Path, data: dict, args: argparse.Namespac
     """Train one method from the same base model and report seen / held-out accuracy."""
     import torch
 
-    from apt_deploy.clip_training import ClipTrainSettings, evaluate_clip, prepare_clip, run_gram_meta_training, train_clip
+    from apt_deploy.clip_training import evaluate_clip, prepare_clip, run_gram_meta_training, train_clip
+    from apt_deploy.settings import ClipTrainSettings
     from apt_deploy.data.synthetic_shapes import SHAPES, make_caption_pairs
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.methods.coop import ZERO_SHOT_TEMPLATE, CoOpConfig
