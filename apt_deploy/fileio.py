@@ -68,3 +68,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str, expected: str, fix: str, error: type[Exception] | None = None) -> Any:
+    """Parse a JSON file; a missing file raises InputPathError, invalid JSON ``error`` (default
+    CheckpointError), both saying what was expected and how to fix it."""
+    from apt_deploy.errors import CheckpointError, InputPathError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputPathError(f"{what} {str(path)!r} does not exist", expected, fix)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise (error or CheckpointError)(f"{what} {str(path)!r} is not valid JSON ({e})", expected, fix) from e

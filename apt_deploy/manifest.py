@@ -7,14 +7,13 @@ An engine, a server configuration or a benchmark is derived from the artifact di
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from apt_deploy.errors import CheckpointError, InputPathError
-from apt_deploy.fileio import write_json_atomic
+from apt_deploy.fileio import read_json, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME, MODEL_NAME = "manifest.json", "model.onnx"
@@ -50,14 +49,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not d.is_dir():
         raise InputPathError(f"artifact directory {str(d)!r} does not exist",
                              "a directory written by `apt-deploy export`", "check the path")
-    path = d / MANIFEST_NAME
-    if not path.is_file():
-        raise InputPathError(f"{str(d)!r} has no {MANIFEST_NAME}", "a directory written by `apt-deploy export`",
-                             "re-run apt-deploy export")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "the manifest written by apt-deploy export") from e
+    manifest = read_json(d / MANIFEST_NAME, "manifest", "a directory written by `apt-deploy export`",
+                         "re-run apt-deploy export")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(f"manifest schema_version={manifest.get('schema_version')!r}", f"{SCHEMA_VERSION}",
                               "re-export the artifact with this version of apt-deploy")

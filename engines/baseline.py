@@ -8,15 +8,14 @@ thresholds; every regression found is named (metric, artifact, both values) in o
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apt_deploy.errors import CheckpointError, ConfigError, InputPathError, RegressionError
-from apt_deploy.fileio import write_json_atomic
+from apt_deploy.errors import CheckpointError, ConfigError, RegressionError
+from apt_deploy.fileio import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 BASELINE_KIND, SCHEMA_VERSION = "apt-deploy-bench-baseline", 1
@@ -83,15 +82,8 @@ def save_baseline(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputPathError(f"baseline file {str(path)!r} does not exist", "a file written by --save-baseline",
-                             "record one first: apt-deploy bench ... --save-baseline FILE")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"baseline {str(path)!r} is not valid JSON ({e})", "a file written by --save-baseline",
-                              "re-record the baseline") from e
+    data = read_json(path, "baseline file", "a file written by --save-baseline",
+                     "record one first: apt-deploy bench ... --save-baseline FILE")
     if data.get("kind") != BASELINE_KIND or data.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(f"{str(path)!r} has kind={data.get('kind')!r}, schema_version={data.get('schema_version')!r}",
                               f"kind={BASELINE_KIND!r}, schema_version={SCHEMA_VERSION}",

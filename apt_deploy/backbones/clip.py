@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_deploy.backbones.registry import BackboneSpec, InputSpec, ShapeSettings, Site, register_backbone
-from apt_deploy.errors import CheckpointError, ConfigError, InputPathError
+from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
+                                           register_backbone)
+from apt_deploy.errors import CheckpointError, ConfigError
 
 SUPPORTED = ("CLIPModel",)
 
@@ -87,7 +88,7 @@ class ClipSpec(BackboneSpec):
     def load(self, model_dir: str) -> nn.Module:
         from transformers import CLIPModel
 
-        _check_model_dir(Path(model_dir))
+        read_architecture(model_dir, SUPPORTED, "save the full CLIPModel (both towers), not a single tower")
         return CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
 
     def hidden_size(self, model: nn.Module) -> int:
@@ -219,21 +220,6 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, **kwargs: Any) -> Path:
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
     model.save_pretrained(out)
     return out
-
-
-def _check_model_dir(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        raise InputPathError(f"model directory {str(model_dir)!r} does not exist",
-                             "a local directory written by save_pretrained (config.json + weights)",
-                             "check the path; no model hub is contacted")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise InputPathError(f"{str(model_dir)!r} has no config.json", "a directory written by save_pretrained",
-                             "point --model at the directory that holds config.json")
-    archs = json.loads(config_path.read_text()).get("architectures") or ["CLIPModel"]
-    if archs[0] not in SUPPORTED:
-        raise ConfigError(f"model architecture {archs[0]!r}", f"one of {', '.join(SUPPORTED)}",
-                          "save the full CLIPModel (both towers), not a single tower")
 
 
 def _clip_config_json(model: nn.Module, state) -> dict[str, Any]:

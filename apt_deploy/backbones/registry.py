@@ -12,6 +12,7 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apt_deploy.errors import UnknownNameError
@@ -169,6 +170,24 @@ class BackboneSpec:
     # --- tests -----------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, **kwargs: Any) -> nn.Module:
         raise NotImplementedError
+
+
+def read_architecture(model_dir: str | Path, supported: tuple[str, ...], fix: str) -> str:
+    """The first ``architectures`` entry of MODEL_DIR/config.json (default: ``supported[0]``), checked."""
+    from apt_deploy.errors import ConfigError, InputPathError
+    from apt_deploy.fileio import read_json
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputPathError(f"model directory {str(model_dir)!r} does not exist",
+                             "a local directory written by save_pretrained (config.json + weights)",
+                             "check the path; no model hub is contacted")
+    config = read_json(model_dir / "config.json", "model config", "a directory written by save_pretrained",
+                       "point --model at the directory that holds config.json", error=ConfigError)
+    arch = (config.get("architectures") or [supported[0]])[0]
+    if arch not in supported:
+        raise ConfigError(f"model architecture {arch!r}", f"one of {', '.join(supported)}", fix)
+    return arch
 
 
 def register_backbone(name: str) -> Callable[[type[BackboneSpec]], type[BackboneSpec]]:

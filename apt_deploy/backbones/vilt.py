@@ -7,17 +7,16 @@ its dropout, x_in = LN1 output (the input of the attention sub-layer). All token
 from __future__ import annotations
 
 import contextlib
-import json
 import types
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from apt_deploy.backbones.registry import BackboneSpec, InputSpec, ShapeSettings, Site, register_backbone
-from apt_deploy.errors import ConfigError, ExportError, InputPathError
+from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
+                                           register_backbone)
+from apt_deploy.errors import ConfigError, ExportError
 
 SUPPORTED = ("ViltForQuestionAnswering", "ViltModel")
 
@@ -73,7 +72,7 @@ class ViltSpec(BackboneSpec):
     def load(self, model_dir: str) -> nn.Module:
         import transformers
 
-        arch = _architecture(Path(model_dir))
+        arch = read_architecture(model_dir, SUPPORTED, "convert the checkpoint to a supported ViLT head")
         return getattr(transformers, arch).from_pretrained(model_dir, local_files_only=True).eval()
 
     def hidden_size(self, model: nn.Module) -> int:
@@ -197,19 +196,3 @@ class ViltSpec(BackboneSpec):
 
 def _img(side: int, h: int, w: int, shapes: ShapeSettings) -> tuple[int, int]:
     return (side, side) if shapes.dynamic_image else (h, w)
-
-
-def _architecture(model_dir: Path) -> str:
-    config_path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise InputPathError(f"model directory {str(model_dir)!r} does not exist",
-                             "a local directory written by save_pretrained (config.json + weights)",
-                             "check the path; no model hub is contacted")
-    if not config_path.is_file():
-        raise InputPathError(f"{str(model_dir)!r} has no config.json", "a directory written by save_pretrained",
-                             "point --model at the directory that holds config.json")
-    archs = json.loads(config_path.read_text()).get("architectures") or ["ViltModel"]
-    if archs[0] not in SUPPORTED:
-        raise ConfigError(f"model architecture {archs[0]!r}", f"one of {', '.join(SUPPORTED)}",
-                          "convert the checkpoint to a supported ViLT head")
-    return archs[0]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from apt_deploy.fileio import read_json
 from apt_deploy.errors import ConfigError, InputPathError
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,5 @@ def _check_examples(path: Path, examples: list[VQAExample], skipped: Counter) ->
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise InputPathError(f"{what} file {str(path)!r} does not exist", "a JSON file", "check the path")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} file {str(path)!r} is not valid JSON ({e})", "a JSON list of strings") from e
+    return read_json(path, f"{what} file", "a JSON file (the answer vocabulary: a JSON list of strings)",
+                     "check the path and the file's JSON", error=ConfigError)
