@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXTERNAL_DATA_BYTES = 100 * 2**20
+# bfloat16 Conv/MatMul need opset 22+ (Conv-22 added bfloat16); None: the exporter's default (20)
+OPSETS: dict[str, int | None] = {"fp32": None, "fp16": None, "bf16": 23}
 
 
 def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSettings | None = None,
@@ -73,7 +75,8 @@ def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: 
             program = torch.onnx.export(
                 module, args=(), kwargs=example, dynamo=True, input_names=names,
                 output_names=spec.output_names(model), dynamic_shapes=_dynamic_shapes(spec, model, specs),
-                custom_translation_table=fused_op.translation_table(), optimize=True, verbose=False)
+                custom_translation_table=fused_op.translation_table(), optimize=True, verbose=False,
+                opset_version=OPSETS.get(settings.dtype))
         except Exception as e:  # torch raises many types here; keep the cause chained
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {type(e).__name__}: {str(e)[:2000]}",
                               "an exportable folded model", "see docs/pitfalls.md; re-run with -vv for the trace") from e

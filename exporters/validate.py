@@ -25,6 +25,11 @@ from exporters import fused_op
 
 log = logging.getLogger(__name__)
 CHECK_SHAPES = ("opt", "max")
+# dtypes ONNX Runtime's CPU provider cannot run, with what to do instead
+ORT_CPU_UNSUPPORTED = {
+    "bf16": "ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul); the bf16 model passed onnx.checker "
+            "only. Validate it on the target: apt-deploy verify ARTIFACT --backend trt (or torch-cuda)",
+}
 
 
 def torch_outputs(module: nn.Module, spec: BackboneSpec, model: nn.Module, feed: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -50,10 +55,14 @@ def validate_export(model: nn.Module, folded: nn.Module, module: nn.Module, spec
     """All parity checks for a fresh export; raises ParityError on the first failing check."""
     from exporters.onnx_export import cast_feed
 
-    result: dict[str, Any] = {"fused_op_vs_reference": check_fused_nodes(onnx_path)}
-    reference_module = spec.export_module(folded) if settings.dtype != "fp32" else module
+    result: dict[str, Any] = {}
     if model is not folded:
         result["training_vs_folded"] = _compare_torch(model, folded, spec, specs, settings.seed)
+    if settings.dtype in ORT_CPU_UNSUPPORTED:
+        log.warning("NOT validated on ONNX Runtime: %s", ORT_CPU_UNSUPPORTED[settings.dtype])
+        return {**result, "onnxruntime_vs_torch": {"skipped": ORT_CPU_UNSUPPORTED[settings.dtype]}}
+    result["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
+    reference_module = spec.export_module(folded) if settings.dtype != "fp32" else module
     tol = parity_tolerance(settings.dtype)
     with OnnxRuntimeRunner(onnx_path) as ort_runner:
         runs = []
@@ -138,6 +147,11 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
     manifest = read_manifest(directory)
     onnx_path = directory / manifest["files"]["model"]
     report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
+    if backend == "onnxruntime" and manifest["dtype"] in ORT_CPU_UNSUPPORTED:
+        from apt_deploy.errors import ConfigError
+
+        raise ConfigError(f"a {manifest['dtype']} artifact cannot run on ONNX Runtime CPU",
+                          "a backend with bfloat16 kernels", ORT_CPU_UNSUPPORTED[manifest["dtype"]])
     runner = make_runner(backend, directory)
     runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before the PyTorch model is loaded
     report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)

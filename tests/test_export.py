@@ -129,3 +129,15 @@ def test_half_precision_export(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["dtype"] == "fp16" and next(i for i in m["inputs"] if i["name"] == "pixel_values")["dtype"] == "float16"
     assert m["validation"]["onnxruntime_vs_torch"]["tolerance"]["atol"] == 2e-2
+
+
+def test_bf16_export_is_checked_but_not_run_on_ort_cpu(tmp_path, capsys):
+    from apt_deploy.cli import main
+
+    out = export_artifact(tiny_method_model("apt"), tmp_path / "bf16", ExportSettings(batch_max=2, dtype="bf16"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == "bf16" and m["opset"]["ai.onnx"] >= 22 and m["fused_op"]["count"] == 2
+    assert "no bfloat16 kernels" in m["validation"]["onnxruntime_vs_torch"]["skipped"]
+    assert m["validation"]["training_vs_folded"]["runs"]
+    assert main(["verify", str(out), "--model", "unused", "--prompts", "unused"]) == 2
+    assert "cannot run on ONNX Runtime CPU" in capsys.readouterr().err
