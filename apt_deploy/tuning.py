@@ -51,22 +51,20 @@ def base_fingerprint(model: nn.Module, spec: BackboneSpec) -> str:
 def apply_apt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
     """Insert one APT module per attention sub-layer (specs/apt.md placement); freeze the rest. In place."""
     config = config or APTConfig()
-    spec = _prepare(model, config)
-    d = spec.hidden_size(model)
-    for site in spec.apt_sites(model):
-        site.replace(spec.wrap_apt(site.module, APTModule(d, config)))
-    _finish(model, spec, config, "apt")
+    spec, fingerprint = _prepare(model, config)
+    _insert_apt(model, spec, config)
+    _finish(model, spec, config, "apt", fingerprint)
     return model
 
 
 def apply_deep_prompt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
     """Deep prompt tuning baseline: ``config.prompt_len`` fresh tokens per layer (rank is unused). In place."""
     config = config or APTConfig(method="deep_prompt")
-    spec = _prepare(model, config)
+    spec, fingerprint = _prepare(model, config)
     d = spec.hidden_size(model)
     for site in spec.deep_prompt_sites(model):
         site.replace(DeepPromptLayer(site.module, config.prompt_len, d, config.init_std))
-    _finish(model, spec, config, "deep_prompt")
+    _finish(model, spec, config, "deep_prompt", fingerprint)
     return model
 
 
@@ -74,7 +72,8 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _prepare(model: nn.Module, config: APTConfig) -> BackboneSpec:
+def _prepare(model: nn.Module, config: APTConfig) -> tuple[BackboneSpec, str]:
+    """Check the model is plain, fingerprint its base weights, freeze it."""
     if getattr(model, "apt_deploy_state", None) is not None:
         raise ConfigError("this model already has a prompt method applied",
                           "a plain backbone model", "load a fresh model before applying a method")
@@ -83,25 +82,30 @@ def _prepare(model: nn.Module, config: APTConfig) -> BackboneSpec:
     if config.cls_token_id is not None and vocab is not None and not 0 <= config.cls_token_id < vocab:
         raise ConfigError(f"cls_token_id={config.cls_token_id} outside the vocabulary of {vocab} tokens",
                           "the tokenizer's [CLS] id", "set APTConfig(cls_token_id=tokenizer.cls_token_id) or None")
-    model.apt_deploy_state = None
     fingerprint = base_fingerprint(model, spec)
     model.requires_grad_(False)
-    model._pending_fingerprint = fingerprint
-    return spec
+    return spec, fingerprint
 
 
-def _finish(model: nn.Module, spec: BackboneSpec, config: APTConfig, method: str) -> None:
+def _insert_apt(model: nn.Module, spec: BackboneSpec, config: APTConfig) -> None:
+    """One fresh APTModule per APT site (new parameters train; log_scale as ``config`` says)."""
+    d = spec.hidden_size(model)
+    for site in spec.apt_sites(model):
+        site.replace(spec.wrap_apt(site.module, APTModule(d, config)))
+
+
+def _finish(model: nn.Module, spec: BackboneSpec, config: APTConfig, method: str, fingerprint: str) -> None:
     if config.train_head:
         for module in spec.trainable_extras(model).values():
             module.requires_grad_(True)
     if config.cls_token_id is not None:
         spec.insert_cls_embedding(model, config.cls_token_id)
-    for mod in model.modules():
-        if isinstance(mod, (APTModule, DeepPromptLayer)):
-            for name, p in mod.named_parameters(recurse=False):
-                p.requires_grad_(name != "log_scale" or config.train_log_scale)
-    model.apt_deploy_state = MethodState(method, config, spec.name, model.__dict__.pop("_pending_fingerprint"))
-    log.info("applied %s to %s: %d trainable parameters", method, spec.name, trainable_parameters(model))
+    _record(model, MethodState(method, config, spec.name, fingerprint))
+
+
+def _record(model: nn.Module, state: MethodState) -> None:
+    model.apt_deploy_state = state
+    log.info("applied %s to %s: %d trainable parameters", state.method, state.backbone, trainable_parameters(model))
 
 
 # --- CLIP: CoOp / GRAM text context, APT on the image tower (backbones/clip.py) ------------------
@@ -114,18 +118,14 @@ def apply_clip_method(model: nn.Module, method: str, prompts: ClassPrompts, coop
     one APT module per vision self-attention; freeze the rest. "gram" is CoOp trained with GRAM
     (methods/gram.py); "apt" keeps the text context frozen at its init (zero-shot head). In place."""
     coop, apt = _clip_configs(method, coop, apt)
-    spec = _prepare(model, apt or APTConfig(cls_token_id=None))
+    spec, fingerprint = _prepare(model, apt or APTConfig(cls_token_id=None))
     if apt is not None:
-        d = spec.hidden_size(model)
-        for site in spec.apt_sites(model):
-            site.replace(spec.wrap_apt(site.module, APTModule(d, apt)))
-            site.module.apt.log_scale.requires_grad_(apt.train_log_scale)
+        _insert_apt(model, spec, apt)
     context = initial_context(model, prompts, coop)
     max_len = int(model.config.text_config.max_position_embeddings)
     model.prompt_learner = PromptLearner(context, prompts, max_len, train=coop.train_context)
     config = ClipMethodConfig(dataclasses.replace(coop, context_len=context.shape[0]), apt)
-    model.apt_deploy_state = MethodState(method, config, spec.name, model.__dict__.pop("_pending_fingerprint"))
-    log.info("applied %s to %s: %d trainable parameters", method, spec.name, trainable_parameters(model))
+    _record(model, MethodState(method, config, spec.name, fingerprint))
     return model
 
 

@@ -79,3 +79,10 @@ def test_apt_changes_outputs_and_only_method_tensors_train():
     per_module = 4 * 32 + 2 * 32 * 2 + 1  # p*d + 2*d*r + 1
     assert sum(p.numel() for n, p in model.named_parameters() if ".apt." in n) == 2 * per_module
     assert ad.trainable_parameters(model) < sum(p.numel() for p in base.parameters())
+
+
+def test_log_scale_trains_only_when_configured():
+    for train in (True, False):
+        model = ad.apply_apt(SPEC.build_tiny(seed=0), ad.APTConfig(prompt_len=4, rank=2, train_log_scale=train))
+        flags = {n.rsplit(".", 1)[-1]: p.requires_grad for n, p in model.named_parameters() if ".apt." in n}
+        assert flags == {"prompt": True, "down": True, "up": True, "log_scale": train}
