@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -79,8 +79,9 @@ FOLD_PASSES: dict[str, tuple[FoldPass, ...]] = {
 }
 
 
-def fold(model: nn.Module) -> nn.Module:
-    """Return the inference form of a model with a method applied; ``model`` itself is untouched."""
+def fold(model: nn.Module, passes: Sequence[FoldPass] | None = None) -> nn.Module:
+    """Return the inference form of a model with a method applied; ``model`` itself is untouched.
+    ``passes`` overrides the method's default passes (e.g. the op-free APT form)."""
     state = getattr(model, "apt_deploy_state", None)
     if state is None:
         raise ConfigError("fold() got a model with no prompt method applied",
@@ -88,7 +89,7 @@ def fold(model: nn.Module) -> nn.Module:
                           "apply or load a method first")
     spec = get_backbone(state.backbone)
     out = copy.deepcopy(model)
-    for fold_pass in FOLD_PASSES[state.method]:
+    for fold_pass in FOLD_PASSES[state.method] if passes is None else passes:
         n = fold_pass(out, spec)
         if n:
             log.info("fold pass %s: %d sites", fold_pass.__name__, n)

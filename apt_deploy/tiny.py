@@ -54,4 +54,5 @@ def _check_config(config: dict[str, Any], tokens: int, answers: list[str]) -> No
         raise ConfigError(f"vocab_size={config['vocab_size']}", f"at least the tokenizer's {tokens} tokens",
                           "drop the vocab_size override")
     if not answers or len(set(answers)) != len(answers):
-        raise ConfigError(f"answers={answers[:5]}...", "a non-empty list of distinct answers")
+        raise ConfigError(f"answers={answers[:5]}...", "a non-empty list of distinct answers",
+                          "pass each answer once, or omit answers for the synthetic task's")

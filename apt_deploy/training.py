@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """Per-step losses, (step, accuracy) evaluations, and wall time of the loop (evaluations included)."""
 
-    steps: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken: one loss is recorded per step."""
+        return len(self.losses)
 
     @property
     def steps_per_second(self) -> float:
@@ -89,13 +93,13 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_data
     """Train the model's trainable parameters for ``settings.steps`` steps; leaves the model in eval mode."""
     torch.manual_seed(settings.seed)
     optimizer, scheduler = build_optimizer(model, settings)
+    clipped = [p for group in optimizer.param_groups for p in group["params"]]
     batches, result = _batches(dataset, settings), TrainResult()
     model.train()
     try:
         with timed_step(f"training {settings.steps} steps at batch {settings.batch_size}", log) as timing:
             for step in progress(range(1, settings.steps + 1), total=settings.steps, desc="train"):
-                result.losses.append(_step(model, next(batches), optimizer, scheduler, settings))
-                result.steps = step
+                result.losses.append(_step(model, next(batches), optimizer, scheduler, clipped, settings.grad_clip))
                 if eval_dataset is not None and _eval_due(step, settings):
                     result.evals.append((step, evaluate(model, eval_dataset, settings.eval_batch_size)))
                     log.info("step %d: loss %.4f, eval accuracy %.4f", step, result.losses[-1], result.evals[-1][1])
@@ -122,14 +126,14 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 64) -> float:
 
 
 def _step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LambdaLR, settings: TrainSettings) -> float:
+          scheduler: torch.optim.lr_scheduler.LambdaLR, params: list[nn.Parameter], grad_clip: float | None) -> float:
+    """One optimizer step; ``params`` (the optimizer's, gathered once) are clipped to ``grad_clip`` if set."""
     labels = batch.pop("labels")
     loss = vqa_loss(model(**batch).logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if settings.grad_clip is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     scheduler.step()
     return float(loss.detach())

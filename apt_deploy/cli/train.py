@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING, Any
 
 from apt_deploy.cli.common import add_output_arguments, refuse_existing
+from apt_deploy.errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works without it (tested)
+    from torch import nn
+
+    from apt_deploy.data.vqa import VQADataset
+    from apt_deploy.settings import TrainSettings
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
@@ -52,7 +60,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=s.eval_every, help="evaluate every N steps (default: at the end)")
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     from apt_deploy.settings import TrainSettings
 
     lr = TrainSettings.lr if args.lr is None else args.lr
@@ -67,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
         refuse_existing(args.out, args.overwrite)
         return train_from_args(args)
     if args.backbone != "vilt":
-        from apt_deploy.errors import UnknownNameError
-
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vilt(args)
 
@@ -77,8 +83,6 @@ def train_vilt(args: argparse.Namespace) -> int:
     """1. check flags and --out  2. load model, processor, answers, data  3. apply the method  4. train  5. save."""
     _require(args, "data", "answers")
     if args.method not in VILT_METHODS:
-        from apt_deploy.errors import UnknownNameError
-
         raise UnknownNameError("method for --backbone vilt", args.method, VILT_METHODS)
     refuse_existing(args.out, args.overwrite)
     settings = settings_from_args(args)
@@ -98,7 +102,7 @@ def train_vilt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vilt_data(args: argparse.Namespace, model):
+def _vilt_data(args: argparse.Namespace, model: nn.Module) -> tuple[Any, VQADataset, VQADataset | None]:
     """(processor, train dataset, eval dataset or None); the model's id2label is set to the answer vocabulary."""
     from apt_deploy.data.vqa import load_answers, load_processor, load_vqa_jsonl
 
@@ -111,7 +115,7 @@ def _vilt_data(args: argparse.Namespace, model):
     return processor, train_set, eval_set
 
 
-def _apply_method(args: argparse.Namespace, model, tokenizer) -> None:
+def _apply_method(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> None:
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.tuning import apply_apt, apply_deep_prompt
 
@@ -119,7 +123,7 @@ def _apply_method(args: argparse.Namespace, model, tokenizer) -> None:
     (apply_apt if args.method == "apt" else apply_deep_prompt)(model, config)
 
 
-def _set_labels(model, answers: list[str]) -> None:
+def _set_labels(model: nn.Module, answers: list[str]) -> None:
     old = [str(model.config.id2label.get(i, "")) for i in range(len(answers))]
     generic = all(o.startswith(("LABEL_", "answer_")) for o in old)
     differ = [i for i, (a, o) in enumerate(zip(answers, old)) if a != o.strip().lower()]
@@ -132,8 +136,6 @@ def _set_labels(model, answers: list[str]) -> None:
 
 
 def _text_len(requested: int | None, max_positions: int) -> int:
-    from apt_deploy.errors import ConfigError
-
     if requested is not None and not 3 <= requested <= max_positions:
         raise ConfigError(f"--text-len {requested}", f"3..{max_positions} (the model's max_position_embeddings)",
                           "pass a smaller --text-len or omit it")
@@ -141,8 +143,6 @@ def _text_len(requested: int | None, max_positions: int) -> int:
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
-    from apt_deploy.errors import ConfigError
-
     missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n, None)]
     if missing:
         raise ConfigError(f"apt-deploy train --backbone vilt is missing {', '.join(missing)}",

@@ -100,10 +100,10 @@ def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 def answer_scores(answers: Sequence[str], label2id: Mapping[str, int]) -> tuple[tuple[tuple[int, float], ...], list[str]]:
     """(sparse (label id, score) pairs, the answers not in the vocabulary). Answers are compared lower-cased."""
-    counts = Counter(a.strip().lower() for a in answers)
-    denom = min(3, len(answers)) or 1
-    known = tuple((label2id[a], min(1.0, c / denom)) for a, c in sorted(counts.items()) if a in label2id)
-    return known, [a for a in (x.strip().lower() for x in answers) if a not in label2id]
+    norm = [a.strip().lower() for a in answers]
+    denom = min(3, len(norm)) or 1
+    known = tuple((label2id[a], min(1.0, c / denom)) for a, c in sorted(Counter(norm).items()) if a in label2id)
+    return known, [a for a in norm if a not in label2id]
 
 
 def load_image(ex: VQAExample) -> Any:
@@ -125,7 +125,8 @@ def load_image(ex: VQAExample) -> Any:
 
 def load_answers(path: str | Path, num_labels: int | None = None) -> list[str]:
     """Read the answer vocabulary (JSON list of strings; index = label id) and check it against the model."""
-    data = _read_json(Path(path), "answer vocabulary")
+    data = read_json(path, "answer vocabulary file", "a JSON file (the answer vocabulary: a JSON list of strings)",
+                     "check the path and the file's JSON", error=ConfigError)
     if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
         raise ConfigError(f"answer vocabulary {str(path)!r} is not a non-empty JSON list of strings",
                           'a JSON list like ["yes", "no", "2"] whose index is the label id', "rewrite the file")
@@ -221,8 +222,3 @@ def _check_examples(path: Path, examples: list[VQAExample], skipped: Counter) ->
         log.warning("%s: skipped %d answers not in the vocabulary (%d distinct, e.g. %s); %d of %d questions have none left",
                     path.name, sum(skipped.values()), len(skipped), ", ".join(list(skipped)[:5]),
                     sum(not ex.scores for ex in examples), len(examples))
-
-
-def _read_json(path: Path, what: str) -> Any:
-    return read_json(path, f"{what} file", "a JSON file (the answer vocabulary: a JSON list of strings)",
-                     "check the path and the file's JSON", error=ConfigError)

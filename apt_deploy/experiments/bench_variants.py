@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import gc
 import logging
 import shutil
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 
-from apt_deploy.fileio import write_json_atomic
+from apt_deploy.errors import ConfigError
+from apt_deploy.fileio import read_json, write_json_atomic
 from apt_deploy.manifest import now_iso
 from apt_deploy.settings import BenchSettings
 from engines.bench import benchmark, format_table
@@ -38,6 +38,7 @@ VILT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, int
               num_labels=3129)
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)  # pipeline check only
 RANK, PROMPTS, IMAGES = 4, (50, 100, 200, 400), (224, 384, 512)
+QUIET_CORES = 0.3  # other processes' CPU use under which the machine counts as quiet for timing
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,7 @@ def export(v: Variant, base: Any, workdir: Path, reuse: bool) -> dict[str, Any]:
 
     out, sidecar = workdir / v.name, workdir / f"{v.name}.parity.json"
     if reuse and (out / "manifest.json").is_file():
-        extra = json.loads(sidecar.read_text()) if sidecar.is_file() else build(v, base)[1] if v.form == "opfree" else {}
-        write_json_atomic(sidecar, extra)
-        return {"path": str(out), "reused": True, **extra, **_parity(read_manifest(out))}
+        return {"path": str(out), "reused": True, **_reused_extra(v, base, sidecar), **_parity(read_manifest(out))}
     t0 = time.perf_counter()
     model, extra = build(v, base)
     settings = ExportSettings(batch_max=2, image_size=v.image, overwrite=True)
@@ -136,6 +135,16 @@ def export(v: Variant, base: Any, workdir: Path, reuse: bool) -> dict[str, Any]:
     del model
     gc.collect()
     return {"path": str(out), "export_s": round(time.perf_counter() - t0, 1), **extra, **_parity(read_manifest(out))}
+
+
+def _reused_extra(v: Variant, base: Any, sidecar: Path) -> dict[str, Any]:
+    """A reused export's parity record: its sidecar, else recomputed (only op-free has one) and written."""
+    if sidecar.is_file():
+        return read_json(sidecar, "parity sidecar", "the JSON bench_variants wrote beside the artifact",
+                         "delete it (it is recomputed) or run without --reuse", error=ConfigError)
+    extra = build(v, base)[1] if v.form == "opfree" else {}
+    write_json_atomic(sidecar, extra)
+    return extra
 
 
 def _parity(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +172,7 @@ def rows(group: list[Variant], report: dict[str, Any], shape: VitShape) -> list[
     return out
 
 
-def wait_for_quiet(max_wait_s: float, window_s: float = 5.0, limit_cores: float = 0.3) -> float:
+def wait_for_quiet(max_wait_s: float, window_s: float = 5.0, limit_cores: float = QUIET_CORES) -> float:
     """Wait (up to ``max_wait_s``) until other processes use under ``limit_cores`` for ``window_s``; returns that use."""
     from engines.machine import OtherLoadMeter
 
@@ -187,7 +196,7 @@ def bench_group(name: str, group: list[Variant], paths: dict[str, str], settings
         log.info("group %s (attempt %d):\n%s", name, attempt + 1, format_table(report))
         if best is None or report["load"]["other_processes_cores"] < best["load"]["other_processes_cores"]:
             best = report
-        if report["load"]["other_processes_cores"] <= 0.3:
+        if report["load"]["other_processes_cores"] <= QUIET_CORES:
             break
     return {"report": best, "rows": rows(group, best, shape), "attempts": attempt + 1}
 
@@ -239,12 +248,12 @@ def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Write the JSON; with --merge, groups (and exports) not re-run are kept from the existing file."""
     out = Path(args.out)
     if args.merge and out.is_file():
-        old = json.loads(out.read_text())
-        results["groups"] = {**old["groups"], **results["groups"]}
-        results["exports"] = {**old["exports"], **results["exports"]}
-        results = {**old, **{k: v for k, v in results.items() if k not in ("groups", "exports")},
-                   "groups": results["groups"], "exports": results["exports"],
-                   "command": [*old.get("command", []), "&&", *sys.argv]}
+        old = read_json(out, "results file", "the JSON an earlier bench_variants run wrote",
+                        "fix or delete it, or run without --merge", error=ConfigError)
+        merged = {**old, **results, "command": [*old.get("command", []), "&&", *sys.argv]}
+        merged["groups"] = {**old["groups"], **results["groups"]}
+        merged["exports"] = {**old["exports"], **results["exports"]}
+        results = merged
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results)
 

@@ -9,13 +9,12 @@ p = 200). Markers are measured p50 ratios - 1; the dashed line is the MAC predic
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from apt_deploy.fileio import write_bytes_atomic
+from apt_deploy.fileio import read_json, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write each group as a markdown table to FILE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = json.loads(Path(args.results).read_text())
+    results = read_json(args.results, "bench results", "the JSON scripts/bench_variants.py writes",
+                        "run scripts/bench_variants.py first, or pass the file its --out named")
     log.info("wrote %s", plot(results, Path(args.out)))
     if args.markdown:
         tables = [f"### {name}\n\n{markdown_table(group)}\n" for name, group in results["groups"].items()]

@@ -17,17 +17,16 @@ Host: a BERT/ViLT-style attention block (``ViltAttention``: ``.attention`` with 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 
 import torch
 from torch import nn
 
-from apt_deploy.backbones import BackboneSpec, get_backbone
+from apt_deploy.backbones import BackboneSpec
 from apt_deploy.errors import ConfigError
-from apt_deploy.methods.apt import APTOutputProjection
+from apt_deploy.folding import fold, freeze_for_inference
+from apt_deploy.methods.apt import APTOutputProjection, scaled_linear
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +85,13 @@ def widened_query(query: nn.Linear, k: torch.Tensor) -> nn.Linear:
 
 
 def widened_output(dense: nn.Linear, v: torch.Tensor, scale: torch.Tensor) -> nn.Linear:
-    """``[e^s W_o | V^T]`` as one Linear d + p -> d with bias ``e^s b_o``."""
+    """``[e^s W_o | V^T]`` as one Linear d + p -> d with bias ``e^s b_o`` (e^s folded as the fused form does)."""
+    scaled = scaled_linear(dense, scale)
     out = nn.Linear(dense.in_features + v.shape[0], dense.out_features, bias=dense.bias is not None)
     with torch.no_grad():
-        out.weight.copy_(torch.cat([scale * dense.weight, v.t().to(dense.weight.dtype)], 1))
+        out.weight.copy_(torch.cat([scaled.weight, v.t().to(dense.weight.dtype)], 1))
         if dense.bias is not None:
-            out.bias.copy_(scale * dense.bias)
+            out.bias.copy_(scaled.bias)
     return out.to(dense.weight.device)
 
 
@@ -118,13 +118,7 @@ def fold_opfree(model: nn.Module) -> nn.Module:
                           f"folded={getattr(state, 'folded', None)!r}",
                           "an APT model in training form (apply_apt / load_prompts)",
                           "apply APT or load an APT checkpoint first; fold from the training form, not a folded copy")
-    spec = get_backbone(state.backbone)
-    out = copy.deepcopy(model)
-    n = fold_apt_opfree(out, spec)
-    out.eval().requires_grad_(False)
-    log.info("fold pass fold_apt_opfree: %d sites", n)
-    out.apt_deploy_state = dataclasses.replace(state, folded=True)
-    return out
+    return fold(model, passes=(fold_apt_opfree, freeze_for_inference))
 
 
 def _check_host(attention: nn.Module) -> None:
