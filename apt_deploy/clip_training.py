@@ -1,6 +1,7 @@
 """Few-shot training of CLIP classifiers: ``apt-deploy train --backbone clip --method coop|gram|apt|apt+coop``.
 
-Python API: :func:`prepare_clip` (model + tokenizer + processor + method), :func:`train_clip`,
+Python API: :func:`prepare_clip` (model + tokenizer + processor + method; :func:`load_clip_with_method`
+when the tokenizer is already loaded), :func:`train_clip`,
 :func:`evaluate_clip`, :func:`run_gram_meta_training`; CLI glue: :func:`add_clip_arguments` and
 :func:`train_from_args` (apt_deploy/cli/train.py dispatches here for ``--backbone clip``).
 
@@ -8,7 +9,8 @@ Optimisation: CoOp's recipe is SGD (momentum 0.9), lr 2e-3, cosine decay; APT's 
 (0.9, 0.98), lr 5e-4, weight decay 0.01, warm-up 10 %. ``ClipTrainSettings.optimizer`` picks one
 ("sgd" default for coop/gram, "adamw" for apt and apt+coop); both use 10 % linear warm-up then
 cosine decay to 0. With GRAM, ψ_φ* rewrites the context gradient before every optimiser step.
-When the image tower is frozen (coop, gram) its features are computed once and cached.
+A side that does not train is computed once and cached: the image features for coop / gram, the
+class text features (the frozen zero-shot head) for apt.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from apt_deploy.settings import ClipTrainSettings, DEFAULT_LR
 
 if TYPE_CHECKING:  # torch is imported lazily: `apt-deploy train --help` works without it
     import torch
+    from PIL import Image
     from torch import nn
 
+    from apt_deploy.methods.apt import APTConfig
+    from apt_deploy.methods.coop import CoOpConfig
+    from apt_deploy.methods.gram import GradientRegulator, GramConfig
+
 log = logging.getLogger(__name__)
+
+
 def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags used only with ``--backbone clip`` (the shared ones: --model --data --eval-data --out ...)."""
     g = parser.add_argument_group("CLIP (--backbone clip; methods coop, gram, apt, apt+coop)")
@@ -45,22 +54,29 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--inner-lr", type=float, default=1.0, help="GRAM inner step size alpha (default 1.0)")
 
 
-def prepare_clip(model_dir: str | Path, method: str, class_names: list[str], coop: Any = None,
-                 apt: Any = None) -> tuple[nn.Module, Any, Any]:
+def prepare_clip(model_dir: str | Path, method: str, class_names: list[str], coop: CoOpConfig | None = None,
+                 apt: APTConfig | None = None) -> tuple[nn.Module, Any, Any]:
     """(model with the method applied, tokenizer, image processor), all read offline from ``model_dir``."""
-    from apt_deploy.backbones import get_backbone
     from apt_deploy.data.imagefolder import load_clip_preprocessing
+
+    tokenizer, processor = load_clip_preprocessing(model_dir)
+    return load_clip_with_method(model_dir, tokenizer, method, class_names, coop, apt), tokenizer, processor
+
+
+def load_clip_with_method(model_dir: str | Path, tokenizer: Any, method: str, class_names: list[str],
+                          coop: CoOpConfig | None = None, apt: APTConfig | None = None) -> nn.Module:
+    """The CLIPModel in ``model_dir`` with ``method`` applied; ``tokenizer`` (the model's own) tokenises the class names."""
+    from apt_deploy.backbones import get_backbone
     from apt_deploy.methods.coop import CoOpConfig, tokenize_class_prompts
     from apt_deploy.tuning import apply_clip_method
 
-    tokenizer, processor = load_clip_preprocessing(model_dir)
     model = get_backbone("clip").load(str(model_dir))
     coop = coop or CoOpConfig()
-    apply_clip_method(model, method, tokenize_class_prompts(tokenizer, class_names, coop), coop, apt)
-    return model, tokenizer, processor
+    return apply_clip_method(model, method, tokenize_class_prompts(tokenizer, class_names, coop), coop, apt)
 
 
-def run_gram_meta_training(model: nn.Module, tokenizer: Any, processor: Any, pairs: list, config: Any) -> Any:
+def run_gram_meta_training(model: nn.Module, tokenizer: Any, processor: Any, pairs: list[tuple[Image.Image, str]],
+                           config: GramConfig | None = None) -> GradientRegulator:
     """Embed the unlabeled pairs with the frozen towers, cluster them, meta-train θ and ψ (methods/gram.py)."""
     from apt_deploy.data.imagefolder import pixel_tensor
     from apt_deploy.methods.gram import embed_pairs, meta_train
@@ -69,13 +85,16 @@ def run_gram_meta_training(model: nn.Module, tokenizer: Any, processor: Any, pai
     return meta_train(model, bank, config)
 
 
-def build_clip_optimizer(model: nn.Module, settings: ClipTrainSettings, method: str):
+def build_clip_optimizer(model: nn.Module, settings: ClipTrainSettings,
+                         method: str) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD(momentum 0.9) or AdamW(0.9, 0.98; no decay on 1-D tensors) + warm-up/cosine LambdaLR."""
     import torch
+
     kind, lr = settings.resolved(method)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError(f"method {method!r} left nothing trainable", "at least one trainable tensor")
+        raise ConfigError(f"method {method!r} left nothing trainable", "at least one trainable tensor",
+                          "apply coop, gram, apt or apt+coop (with a trainable context for coop / gram) before training")
     if kind == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     else:
@@ -96,30 +115,42 @@ def train_clip(model: nn.Module, data: Any, settings: ClipTrainSettings | None =
     """Few-shot cross-entropy tuning of whatever the method left trainable; returns the loss per step."""
     import torch
     from torch import nn
-    from apt_deploy.methods.gram import regulate_gradients
     from apt_deploy.progress import progress, timed_step
 
     settings = settings or ClipTrainSettings()
     method = model.apt_deploy_state.method
     opt, sched = build_clip_optimizer(model, settings, method)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(settings.seed)
-    cached = _cached_image_features(model, data.pixel_values)
+    frozen = _frozen_features(model, data.pixel_values)
     losses = []
     model.train()
     with timed_step(f"train clip/{method} for {settings.steps} steps", log):
         for _ in progress(range(settings.steps), total=settings.steps, desc=f"train {method}"):
             idx = torch.randint(len(data), (min(settings.batch_size, len(data)),), generator=g)
-            loss = nn.functional.cross_entropy(_logits(model, data.pixel_values, idx, cached), data.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            regulate_gradients(model)
-            if settings.grad_clip:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.grad_clip)
-            opt.step()
-            sched.step()
+            loss = nn.functional.cross_entropy(_logits(model, data.pixel_values, idx, frozen), data.labels[idx])
+            _update(model, loss, (opt, sched), trainable, settings.grad_clip)
             losses.append(loss.item())
     model.eval()
     return losses
+
+
+def _update(model: nn.Module, loss: torch.Tensor,
+            optim: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR],
+            trainable: list[torch.nn.Parameter], grad_clip: float | None) -> None:
+    """One optimiser step: backward, GRAM's ψ on the context gradient (no-op without a regulator),
+    gradient-norm clipping, then the optimiser and LR-schedule steps."""
+    from torch import nn
+    from apt_deploy.methods.gram import regulate_gradients
+
+    opt, sched = optim
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    regulate_gradients(model)
+    if grad_clip:
+        nn.utils.clip_grad_norm_(trainable, grad_clip)
+    opt.step()
+    sched.step()
 
 
 def evaluate_clip(model: nn.Module, data: Any, batch_size: int = 256) -> float:
@@ -136,25 +167,30 @@ def evaluate_clip(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     return correct / max(1, len(data))
 
 
-def _cached_image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor | None:
-    """Normalised image features once, when nothing in the image tower trains (coop, gram)."""
+def _frozen_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(normalised image features of every image, unnormalised class text features), each computed once
+    when nothing on its side trains (image: coop, gram; text: apt's frozen zero-shot head), else None."""
     import torch
     from apt_deploy.methods.coop import image_features
 
-    tower = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
-    if any(p.requires_grad for p in tower):
-        return None
+    image_side = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
+    text_side = [*model.text_model.parameters(), *model.text_projection.parameters(), *model.prompt_learner.parameters()]
     with torch.no_grad():
-        return torch.cat([image_features(model, pixel_values[i:i + 256]) for i in range(0, len(pixel_values), 256)])
+        image = None if any(p.requires_grad for p in image_side) else torch.cat(
+            [image_features(model, pixel_values[i:i + 256]) for i in range(0, len(pixel_values), 256)])
+        text = None if any(p.requires_grad for p in text_side) else model.prompt_learner.text_features(model)
+    return image, text
 
 
-def _logits(model: nn.Module, pixel_values: torch.Tensor, idx: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
-    from apt_deploy.methods.coop import class_logits
+def _logits(model: nn.Module, pixel_values: torch.Tensor, idx: torch.Tensor,
+            frozen: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+    """The training-form class logits of ``pixel_values[idx]``, reusing whichever side :func:`_frozen_features` cached."""
+    from apt_deploy.methods.coop import cosine_logits, image_features
 
-    if cached is None:
-        return class_logits(model, pixel_values[idx])
-    text = model.prompt_learner.text_features(model)
-    return model.logit_scale.exp() * cached[idx] @ (text / text.norm(dim=-1, keepdim=True)).t()
+    image, text = frozen
+    text = model.prompt_learner.text_features(model) if text is None else text
+    image = image_features(model, pixel_values[idx]) if image is None else image[idx]
+    return cosine_logits(model, image, text)
 
 
 def train_from_args(args: argparse.Namespace) -> int:
@@ -165,9 +201,9 @@ def train_from_args(args: argparse.Namespace) -> int:
 
     method = args.method
     _check_clip_args(args)
-    _, processor = load_clip_preprocessing(args.model)
+    tokenizer, processor = load_clip_preprocessing(args.model)
     train = load_image_folder(args.data, processor, shots=args.shots, seed=args.seed)
-    model, tokenizer, processor = prepare_clip(args.model, method, train.class_names, _coop_config(args), _apt_config(args))
+    model = load_clip_with_method(args.model, tokenizer, method, train.class_names, _coop_config(args), _apt_config(args))
     if method == "gram":
         _meta_train_from_args(model, tokenizer, processor, args)
     settings = ClipTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=getattr(args, "lr", None),
@@ -193,7 +229,7 @@ def _meta_train_from_args(model: nn.Module, tokenizer: Any, processor: Any, args
     run_gram_meta_training(model, tokenizer, processor, pairs, config)
 
 
-def _coop_config(args: argparse.Namespace) -> Any:
+def _coop_config(args: argparse.Namespace) -> CoOpConfig:
     from apt_deploy.methods.coop import ZERO_SHOT_TEMPLATE, CoOpConfig
 
     init = getattr(args, "context_init", None)
@@ -202,7 +238,7 @@ def _coop_config(args: argparse.Namespace) -> Any:
     return CoOpConfig(context_len=getattr(args, "context_len", 16), context_init=init or None)
 
 
-def _apt_config(args: argparse.Namespace) -> Any:
+def _apt_config(args: argparse.Namespace) -> APTConfig | None:
     from apt_deploy.methods.apt import APTConfig
 
     if not args.method.startswith("apt"):

@@ -97,6 +97,7 @@ def test_fold_puts_e_s_into_out_proj(clip_dir):
 def test_manifest_extras_and_export_io(clip_dir):
     from apt_deploy.backbones import get_backbone
     from apt_deploy.backbones.registry import ShapeSettings
+    from apt_deploy.errors import ConfigError
 
     spec = get_backbone("clip")
     model, _ = clip_with_method(clip_dir, "coop")
@@ -104,26 +105,18 @@ def test_manifest_extras_and_export_io(clip_dir):
     assert [s.name for s in specs] == ["pixel_values"] and specs[0].axes == ("batch", 3, 32, 32)
     assert spec.output_names(model) == ["logits"] and spec.manifest_extras(model) == {"class_names": CLASS_NAMES}
     assert spec.dummy_inputs(model, specs, "max", 0)["pixel_values"].shape == (8, 3, 32, 32)
-    from apt_deploy.errors import ConfigError
-
     with pytest.raises(ConfigError, match="position embeddings"):
         spec.input_specs(model, ShapeSettings(dynamic_image=True))
-
-
-def _save(model, path):
-    from apt_deploy.checkpoint import save_prompts
-
-    return save_prompts(model, path)
 
 
 @pytest.mark.parametrize("case", ["hidden", "layers", "fingerprint", "class_names", "corrupt", "method"])
 def test_load_prompts_rejects_mismatches(clip_dir, tmp_path, case):
     from apt_deploy.backbones import get_backbone
-    from apt_deploy.checkpoint import load_prompts
+    from apt_deploy.checkpoint import load_prompts, save_prompts
     from apt_deploy.errors import CheckpointError
 
     spec = get_backbone("clip")
-    prompts = _save(clip_with_method(clip_dir, "apt+coop")[0], tmp_path / "p")
+    prompts = save_prompts(clip_with_method(clip_dir, "apt+coop")[0], tmp_path / "p")
     target, kwargs = spec.build_tiny(seed=0), {}
     if case == "hidden":
         target = spec.build_tiny(seed=0, hidden=48)

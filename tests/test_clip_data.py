@@ -8,16 +8,14 @@ import json
 import pytest
 import torch
 
-
+from tests.clip_helpers import tiny_processor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def processor():
-    from transformers import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return tiny_processor()
 
 
 def test_synthetic_shapes_are_deterministic_and_styles_differ():

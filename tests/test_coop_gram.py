@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.clip_helpers import CLASS_NAMES, clip_with_method
+from tests.clip_helpers import CLASS_NAMES, clip_with_method, tiny_processor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,11 +55,9 @@ def _bank(model, tokenizer, n: int = 96):
     from apt_deploy.data.imagefolder import pixel_tensor
     from apt_deploy.data.synthetic_shapes import make_caption_pairs
     from apt_deploy.methods.gram import embed_pairs
-    from transformers import CLIPImageProcessorPil
 
     pairs = make_caption_pairs(("solid", "outline", "noisy", "inverted"), n, seed=0)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return embed_pairs(model, pixel_tensor(processor, [i for i, _ in pairs]), [c for _, c in pairs], tokenizer)
+    return embed_pairs(model, pixel_tensor(tiny_processor(), [i for i, _ in pairs]), [c for _, c in pairs], tokenizer)
 
 
 def test_clustering_gives_nested_levels_and_cross_domain_tasks(clip_dir):

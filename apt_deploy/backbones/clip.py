@@ -17,6 +17,7 @@ embeddings. ``manifest_extras`` records ``class_names`` in logit order.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
                                            register_backbone)
 from apt_deploy.errors import CheckpointError, ConfigError
+from apt_deploy.methods.coop import class_embedding_matrix, image_features
 
 SUPPORTED = ("CLIPModel",)
 
@@ -38,7 +40,8 @@ class APTAttention(nn.Module):
         super().__init__()
         self.attn, self.apt = attn, apt
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         o, weights = self.attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
         return self.apt(hidden_states, o), weights
 
@@ -60,7 +63,8 @@ class FoldedAPTAttention(nn.Module):
         self.register_buffer("k", k)
         self.register_buffer("v", v)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         from apt_deploy.ops import torch_op  # noqa: F401  (registers torch.ops.apt)
 
         o, weights = self.attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
@@ -76,9 +80,7 @@ class ClipImageClassifier(nn.Module):
         self.register_buffer("class_weight", class_weight.detach().clone())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
-        feats = self.visual_projection(pooled)
-        return (feats / feats.norm(dim=-1, keepdim=True)) @ self.class_weight.t()
+        return image_features(self, pixel_values) @ self.class_weight.t()
 
 
 @register_backbone("clip")
@@ -135,8 +137,6 @@ class ClipSpec(BackboneSpec):
         return {"class_names": list(learner.class_names)} if learner is not None else {}
 
     def export_module(self, model: nn.Module) -> nn.Module:
-        from apt_deploy.methods.coop import class_embedding_matrix
-
         if getattr(model, "prompt_learner", None) is None:
             raise ConfigError("this CLIP model has no class head (prompt learner)",
                               "a CLIP model from apply_clip_method / load_prompts",
@@ -222,11 +222,9 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, **kwargs: Any) -> Path:
     return out
 
 
-def _clip_config_json(model: nn.Module, state) -> dict[str, Any]:
+def _clip_config_json(model: nn.Module, state: Any) -> dict[str, Any]:
     """CLIP fields of apt_config.json: class names + their token ids (no tokenizer needed to load),
     the CoOp and APT settings, the text width, and the GRAM regulator's shape when one is attached."""
-    import dataclasses
-
     coop, apt = state.config.coop, state.config.apt
     out: dict[str, Any] = {"prompt_len": apt.prompt_len if apt else coop.context_len, "context_len": coop.context_len,
                            "text_hidden_size": int(model.config.text_config.hidden_size),
@@ -251,7 +249,7 @@ def _apply_clip_from_config(model: nn.Module, cfg: dict[str, Any], class_names: 
     if cfg.get("gram_regulator"):
         from apt_deploy.methods.gram import GradientRegulator
 
-        model.gram_regulator = GradientRegulator.from_config_json(cfg["gram_regulator"])
+        model.gram_regulator = GradientRegulator.from_config_json(cfg["gram_regulator"]).requires_grad_(False)
 
 
 def _check_clip_fields(model: nn.Module, cfg: dict[str, Any], class_names: list[str] | None) -> None:

@@ -27,10 +27,14 @@ def read_caption_pairs(jsonl: str | Path, image_root: str | Path | None = None) 
     root = Path(image_root) if image_root else path.parent
     pairs, skipped = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            image, text = _parse_line(line, n, path)
-            img = _open(root / image)
-            (pairs.append((img, text)) if img is not None else skipped.append(image))
+        if not line.strip():
+            continue
+        image, text = _parse_line(line, n, path)
+        img = _open(root / image)
+        if img is None:
+            skipped.append(image)
+        else:
+            pairs.append((img, text))
     if skipped:
         log.warning("skipped %d caption pair(s) whose image failed to decode or is missing, e.g. %s", len(skipped), skipped[:3])
     if len(pairs) < 2:

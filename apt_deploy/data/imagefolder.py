@@ -69,17 +69,16 @@ def few_shot(paths: dict[str, list[Path]], shots: int | None, seed: int) -> dict
     return {c: sorted(rng.sample(p, shots)) for c, p in paths.items()}
 
 
-def decode_images(paths: list[Path]) -> tuple[list[Image.Image], list[Path], list[str]]:
+def decode_images(paths: list[Path]) -> tuple[list[Image.Image], list[str]]:
     """Open every image as RGB; unreadable files are skipped and reported as ``"path: reason"``."""
-    images, kept, skipped = [], [], []
+    images, skipped = [], []
     for path in paths:
         try:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
-            kept.append(path)
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
             skipped.append(f"{path}: {type(e).__name__}")
-    return images, kept, skipped
+    return images, skipped
 
 
 def check_class_names(found: list[str], expected: list[str], where: str) -> None:
@@ -102,7 +101,7 @@ def load_image_folder(root: str | Path, processor: Any, shots: int | None = None
         check_class_names(names, class_names, f"image folder {str(root)!r}")
     images, labels, skipped = [], [], []
     for label, name in enumerate(names):
-        imgs, _, bad = decode_images(paths[name])
+        imgs, bad = decode_images(paths[name])
         if not imgs:
             raise InputPathError(f"no image in class folder {name!r} could be decoded ({len(bad)} failed: {bad[:3]})",
                                  "readable image files", "replace the corrupt files")
@@ -121,6 +120,7 @@ def from_samples(samples: list[tuple[Image.Image, int]], class_names: list[str],
 
 
 def pixel_tensor(processor: Any, images: list[Image.Image], chunk: int = 256) -> torch.Tensor:
+    """``processor``'s ``pixel_values`` for ``images``, ``chunk`` images per call, concatenated [N, 3, H, W]."""
     parts = [processor(images=images[i:i + chunk], return_tensors="pt")["pixel_values"] for i in range(0, len(images), chunk)]
     return torch.cat(parts)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from apt_deploy.errors import UnknownNameError
+
 SHAPES = ("circle", "square", "triangle", "cross")
 STYLES = ("solid", "outline", "noisy", "striped", "inverted")
 STYLE_WORDS = {"solid": "filled", "outline": "outlined", "noisy": "noisy", "striped": "striped", "inverted": "glowing"}
@@ -116,6 +118,4 @@ def write_caption_pairs(root: str | Path, styles: tuple[str, ...], n: int, seed:
 
 def _check_style(style: str) -> None:
     if style not in STYLES:
-        from apt_deploy.errors import UnknownNameError
-
         raise UnknownNameError("style", style, STYLES)

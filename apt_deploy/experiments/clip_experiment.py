@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 log = logging.getLogger("clip_experiment")
@@ -46,29 +47,37 @@ def run_method(method: str, model_dir: Path, data: dict, args: argparse.Namespac
     """Train one method from the same base model and report seen / held-out accuracy."""
     import torch
 
-    from apt_deploy.clip_training import evaluate_clip, prepare_clip, run_gram_meta_training, train_clip
-    from apt_deploy.settings import ClipTrainSettings
-    from apt_deploy.data.synthetic_shapes import SHAPES, make_caption_pairs
+    from apt_deploy.clip_training import evaluate_clip, prepare_clip
+    from apt_deploy.data.synthetic_shapes import SHAPES
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.methods.coop import ZERO_SHOT_TEMPLATE, CoOpConfig
-    from apt_deploy.methods.gram import GramConfig
 
     torch.manual_seed(seed)
     name = {"zero-shot": "coop", "gram+coop": "gram"}.get(method, method)
     apt = APTConfig(prompt_len=args.apt_prompts, rank=2) if method == "apt" else None
     model, tok, proc = prepare_clip(model_dir, name, list(SHAPES), CoOpConfig(context_init=ZERO_SHOT_TEMPLATE), apt)
     t0 = time.perf_counter()
-    if method == "gram+coop":
-        pairs = make_caption_pairs(META_STYLES, args.meta_pairs, seed + 1000)
-        run_gram_meta_training(model, tok, proc, pairs, GramConfig(meta_steps=args.meta_steps, seed=seed))
-    if method != "zero-shot":
-        lr = args.apt_lr if method == "apt" else args.coop_lr
-        losses = train_clip(model, data["train"], ClipTrainSettings(steps=args.steps, lr=lr, seed=seed))
-    else:
-        losses = []
+    losses = _train(method, model, tok, proc, data, args, seed)
     return {"seen": evaluate_clip(model, data["seen"]), "held_out": evaluate_clip(model, data["held_out"]),
             "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t0}
+
+
+def _train(method: str, model: Any, tok: Any, proc: Any, data: dict, args: argparse.Namespace,
+           seed: int) -> list[float]:
+    """GRAM meta-training (gram+coop), then few-shot tuning (all but zero-shot); the per-step losses."""
+    from apt_deploy.clip_training import run_gram_meta_training, train_clip
+    from apt_deploy.data.synthetic_shapes import make_caption_pairs
+    from apt_deploy.methods.gram import GramConfig
+    from apt_deploy.settings import ClipTrainSettings
+
+    if method == "gram+coop":
+        pairs = make_caption_pairs(META_STYLES, args.meta_pairs, seed + 1000)
+        run_gram_meta_training(model, tok, proc, pairs, GramConfig(meta_steps=args.meta_steps, seed=seed))
+    if method == "zero-shot":
+        return []
+    lr = args.apt_lr if method == "apt" else args.coop_lr
+    return train_clip(model, data["train"], ClipTrainSettings(steps=args.steps, lr=lr, seed=seed))
 
 
 def make_data(model_dir: Path, args: argparse.Namespace, seed: int) -> dict:
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from apt_deploy.backbones.clip import save_tiny_clip
+    from apt_deploy.fileio import write_json_atomic
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -109,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("seed %d %-10s seen %.3f held-out %.3f", seed, method, runs[-1]["seen"], runs[-1]["held_out"])
     result = {"setup": _setup(args), "summary": summarize(runs), "runs": runs,
               "wall_seconds": time.perf_counter() - t0, "machine": platform.platform(), "torch": torch.__version__}
-    text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(args.out, result)
     sys.stdout.write(json.dumps(result["summary"], indent=2) + "\n")
     return 0
 

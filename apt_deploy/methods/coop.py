@@ -196,15 +196,25 @@ def class_embedding_matrix(model: nn.Module) -> torch.Tensor:
         return model.logit_scale.exp() * feats / feats.norm(dim=-1, keepdim=True)
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` divided by their L2 norm (no epsilon: CLIP's own normalisation)."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised projected image features [B, D]."""
+    """L2-normalised projected image features [B, D] (``model``: anything with ``vision_model`` and
+    ``visual_projection``, a CLIPModel or the exported classifier)."""
     out = model.vision_model(pixel_values=pixel_values)
-    feats = model.visual_projection(out.pooler_output)
-    return feats / feats.norm(dim=-1, keepdim=True)
+    return l2_normalize(model.visual_projection(out.pooler_output))
+
+
+def cosine_logits(model: nn.Module, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """``logit_scale.exp() * image_feats @ normalise(text_feats).T`` for normalised image features [B, D]
+    and unnormalised text features [C, D]."""
+    return model.logit_scale.exp() * image_feats @ l2_normalize(text_feats).t()
 
 
 def class_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Full PyTorch CLIP classifier (training form): image tower, text tower with the prompt learner, cosine."""
     text = model.prompt_learner.text_features(model)
-    text = text / text.norm(dim=-1, keepdim=True)
-    return model.logit_scale.exp() * image_features(model, pixel_values) @ text.t()
+    return cosine_logits(model, image_features(model, pixel_values), text)

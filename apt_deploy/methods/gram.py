@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from apt_deploy.errors import ConfigError
-from apt_deploy.methods.coop import PromptLayout, build_layout, context_text_features, text_token_ids
+from apt_deploy.methods.coop import (PromptLayout, build_layout, context_text_features, cosine_logits, image_features,
+                                     l2_normalize, text_token_ids)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,11 @@ class PairBank:
     text_feats: torch.Tensor
     caption_ids: list[tuple[int, ...]]
 
+    @property
+    def joint(self) -> torch.Tensor:
+        """[image; caption] feature per pair [N, 2D]: the space both clusterings and medoids use."""
+        return torch.cat([self.image_feats, self.text_feats], dim=1)
+
 
 @dataclass(frozen=True)
 class MetaTask:
@@ -143,22 +149,20 @@ class MetaTask:
 
 def embed_pairs(model: nn.Module, pixel_values: torch.Tensor, captions: list[str], tokenizer: Any) -> PairBank:
     """Run the frozen CLIP towers once over the pairs (image side without any method modules)."""
-    from apt_deploy.methods.coop import image_features
-
     ids = [tuple(text_token_ids(tokenizer, c)) for c in captions]
     tok = tokenizer(captions, padding=True, truncation=True, return_tensors="pt",
                     max_length=int(model.config.text_config.max_position_embeddings))
     with torch.no_grad():
         img = image_features(model, pixel_values)
         txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
-    return PairBank(img, txt / txt.norm(dim=-1, keepdim=True), ids)
+    return PairBank(img, l2_normalize(txt), ids)
 
 
 def cross_modal_hierarchy(bank: PairBank, n_domains: int, n_pseudo_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(domain, pseudo-class) label per pair: nested cuts of one Ward tree on [image; caption] features."""
     from scipy.cluster.hierarchy import cut_tree, linkage
 
-    joint = torch.cat([bank.image_feats, bank.text_feats], dim=1).double().numpy()
+    joint = bank.joint.double().numpy()
     if joint.shape[0] < n_pseudo_classes:
         raise ConfigError(f"{joint.shape[0]} image-caption pairs for {n_pseudo_classes} pseudo-classes",
                           "more pairs than pseudo-classes", "add pairs or lower n_pseudo_classes")
@@ -168,7 +172,7 @@ def cross_modal_hierarchy(bank: PairBank, n_domains: int, n_pseudo_classes: int)
 
 def medoids(bank: PairBank, fine: np.ndarray) -> dict[int, int]:
     """Pseudo-class -> the pair closest to its centroid in the joint space (its caption names the class)."""
-    joint = torch.cat([bank.image_feats, bank.text_feats], dim=1)
+    joint = bank.joint
     out = {}
     for c in np.unique(fine):
         idx = torch.as_tensor(np.flatnonzero(fine == c))
@@ -221,9 +225,7 @@ def set_loss(model: nn.Module, context: torch.Tensor, bank: PairBank, idx: tuple
              labels: tuple[int, ...], name_pairs: tuple[int, ...]) -> torch.Tensor:
     """CLIP cross-entropy of a support/query set against its pseudo-class prompts [SOS, ctx, caption, EOS]."""
     layout = _layout(model, bank, name_pairs, context.shape[0])
-    text = context_text_features(model, context, layout)
-    text = text / text.norm(dim=-1, keepdim=True)
-    logits = model.logit_scale.exp() * bank.image_feats[list(idx)] @ text.t()
+    logits = cosine_logits(model, bank.image_feats[list(idx)], context_text_features(model, context, layout))
     return nn.functional.cross_entropy(logits, torch.tensor(labels))
 
 
@@ -271,7 +273,7 @@ def meta_train(model: nn.Module, bank: PairBank, config: GramConfig | None = Non
         for step in progress(range(config.meta_steps), total=config.meta_steps, desc="GRAM meta"):
             tasks = build_meta_tasks(domains, fine, names, config.tasks_per_step, config.ways, config.shots, rng)
             loss = meta_step(model, regulator, bank, tasks, config, optimizers)
-            log.debug("meta step %d: query loss %.4f, gate %.3f", step, loss, float(regulator.gate()))
+            log.debug("meta step %d: query loss %.4f, gate %.3f", step, loss, regulator.gate().item())
     model.gram_regulator = regulator.requires_grad_(False)
     return regulator
 
@@ -283,10 +285,6 @@ def regulate_gradients(model: nn.Module) -> None:
     if regulator is not None and context.grad is not None:
         with torch.no_grad():
             context.grad.copy_(regulator(context.grad))
-
-
-def gram_config_json(config: GramConfig) -> dict[str, Any]:
-    return asdict(config)
 
 
 def _check_gram_model(model: nn.Module) -> None:
