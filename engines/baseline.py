@@ -65,9 +65,8 @@ def parse_percent(text: str, flag: str) -> float:
 
 def make_baseline(report: dict[str, Any]) -> dict[str, Any]:
     """The subset of a bench report a later run is gated against."""
-    versions = {k: v for k, v in report["versions"].items() if k in VERSION_KEYS}
     return {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "created": report["created"],
-            "key": {"machine": report["machine"]["machine_key"], "versions": versions},
+            "key": {"machine": report["machine"]["machine_key"], "versions": _keyed_versions(report)},
             "machine": report["machine"], "settings": report["settings"],
             "artifacts": {a["name"]: {m: a["stats"][m] for m in (*GATED_METRICS, "p90_ms", "mean_ms")}
                           for a in report["artifacts"]}}
@@ -91,6 +90,11 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _keyed_versions(report: dict[str, Any]) -> dict[str, str]:
+    """The library versions a baseline is keyed by (VERSION_KEYS present in the report)."""
+    return {k: v for k, v in report["versions"].items() if k in VERSION_KEYS}
+
+
 def warn_if_incomparable(baseline: dict[str, Any], report: dict[str, Any]) -> list[str]:
     """Loud warning on another machine kind; a plain warning on other library versions or settings."""
     warnings: list[str] = []
@@ -98,19 +102,16 @@ def warn_if_incomparable(baseline: dict[str, Any], report: dict[str, Any]) -> li
     if here != there:
         warnings.append(f"BASELINE FROM ANOTHER MACHINE KIND: baseline recorded on [{there}], this run on [{here}]; "
                         "latency deltas across machines say nothing about the code; record a baseline on this machine")
-    versions = {k: v for k, v in report["versions"].items() if k in VERSION_KEYS}
-    changed = {k: (baseline["key"]["versions"].get(k), v) for k, v in versions.items()
-               if baseline["key"]["versions"].get(k) != v}
+        log.warning("\n%s\n%s\n%s", "!" * 100, warnings[-1], "!" * 100)
+    old_versions = baseline["key"]["versions"]
+    changed = {k: (old_versions.get(k), v) for k, v in _keyed_versions(report).items() if old_versions.get(k) != v}
     if changed:
         warnings.append(f"library versions differ from the baseline's: {changed}")
+        log.warning(warnings[-1])
     settings = {k: v for k, v in report["settings"].items() if baseline["settings"].get(k) != v and k != "iterations"}
     if settings:
         warnings.append(f"bench settings differ from the baseline's: {settings} vs {baseline['settings']}")
-    for w in warnings:
-        if w.startswith("BASELINE"):
-            log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
-        else:
-            log.warning(w)
+        log.warning(warnings[-1])
     return warnings
 
 

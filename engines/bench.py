@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from apt_deploy.errors import ConfigError
-from apt_deploy.manifest import now_iso, read_manifest, tool_versions
+from apt_deploy.manifest import MODEL_NAME, now_iso, read_manifest, tool_versions
 from apt_deploy.progress import progress, timed_step
 from engines.machine import (MB, OtherLoadMeter, PeakRssSampler, load_average, machine_info,
                              process_peak_rss_bytes)
@@ -66,9 +66,10 @@ def load_artifacts(dirs: Sequence[str | Path]) -> list[Artifact]:
     for d in dirs:
         path = Path(d)
         manifest = read_manifest(path)
-        name, k = path.resolve().name, 2
-        while any(a.name == name for a in out):
-            name, k = f"{path.resolve().name}#{k}", k + 1
+        base = name = path.resolve().name
+        k, taken = 2, {a.name for a in out}
+        while name in taken:
+            name, k = f"{base}#{k}", k + 1
         out.append(Artifact(name, path, manifest))
     return out
 
@@ -113,7 +114,7 @@ def _numpy_dtype(inp: dict[str, Any]) -> np.dtype:
 def artifact_size(art: Artifact) -> dict[str, Any]:
     """Bytes of model.onnx and its external data (the files the manifest lists)."""
     files = art.manifest.get("files") or {}
-    onnx_file = art.path / files.get("model", "model.onnx")
+    onnx_file = art.path / files.get("model", MODEL_NAME)
     data_file = art.path / files["external_data"] if files.get("external_data") else None
     onnx_bytes = onnx_file.stat().st_size if onnx_file.is_file() else 0
     data_bytes = data_file.stat().st_size if data_file and data_file.is_file() else 0
@@ -132,7 +133,15 @@ def default_factory(art: Artifact, settings: BenchSettings) -> Runner:
     return make_runner(settings.backend, art.path, threads=settings.threads)
 
 
-def prepare(art: Artifact, settings: BenchSettings, factory: RunnerFactory) -> tuple[Runner, dict, dict]:
+class Prepared(NamedTuple):
+    """A loaded, warmed-up runner with its feed and the memory its loading took."""
+
+    runner: Runner
+    feed: dict[str, np.ndarray]
+    memory: dict[str, float]
+
+
+def prepare(art: Artifact, settings: BenchSettings, factory: RunnerFactory) -> Prepared:
     """Runner created and warmed up under the RSS sampler; returns (runner, feed, memory)."""
     feed = build_feed(art.manifest, settings.batch, settings.seed)
     with timed_step(f"load + warm up {art.name} ({settings.warmup} runs)", log), PeakRssSampler() as mem:
@@ -141,7 +150,7 @@ def prepare(art: Artifact, settings: BenchSettings, factory: RunnerFactory) -> t
         for _ in range(settings.warmup):
             runner.infer(feed)
         runner.synchronize()
-    return runner, feed, mem.to_json()
+    return Prepared(runner, feed, mem.to_json())
 
 
 def _preimport(backend: str) -> None:
@@ -177,16 +186,15 @@ def benchmark(dirs: Sequence[str | Path], settings: BenchSettings | None = None,
     try:
         for art in artifacts:
             prepared.append(prepare(art, settings, factory))
-        runners, feeds = [p[0] for p in prepared], [p[1] for p in prepared]
-        with timed_step(f"time {len(runners)} artifacts x {settings.iterations} interleaved", log), \
+        with timed_step(f"time {len(prepared)} artifacts x {settings.iterations} interleaved", log), \
                 OtherLoadMeter() as other:
-            times = time_interleaved(runners, feeds, settings.iterations, warmup=1, clock=clock,
-                                     on_round=_round_ticker(settings.iterations, "bench"))
+            times = time_interleaved([p.runner for p in prepared], [p.feed for p in prepared], settings.iterations,
+                                     warmup=1, clock=clock, on_round=_round_ticker(settings.iterations, "bench"))
     finally:
-        for runner, _, _ in prepared:
-            runner.deactivate()
+        for p in prepared:
+            p.runner.deactivate()
     load = {"before": load_before, "after": load_average(), "other_processes_cores": round(other.other_cores, 3)}
-    return build_report(artifacts, [p[2] for p in prepared], times, settings, load)
+    return build_report(artifacts, [p.memory for p in prepared], times, settings, load)
 
 
 def build_report(artifacts: list[Artifact], memory: list[dict], times: list[list[float]],

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apt_deploy.errors import ConfigError
+
+MAC_MODELS = ("none", "apt", "deep_prompt")  # the methods extra_macs has a model for
+
 
 @dataclass(frozen=True)
 class VitShape:
@@ -50,14 +54,15 @@ def model_macs(shape: VitShape, image: int) -> int:
 
 def extra_macs(shape: VitShape, image: int, method: str, form: str, prompt_len: int) -> int:
     """MACs a method adds to the base model (``form``: folded / training; method none adds 0)."""
-    d, n, p = shape.hidden, shape.tokens(image), prompt_len
+    if method not in MAC_MODELS:
+        raise ConfigError(f"no MAC model for method {method!r}", f"one of {', '.join(MAC_MODELS)}",
+                          "add the method's per-block MACs to engines/flops.py")
     if method == "none":
         return 0
+    d, n, p = shape.hidden, shape.tokens(image), prompt_len
     if method == "deep_prompt" and form == "training":
         return shape.layers * (block_macs(n + p, d, shape.ffn) - block_macs(n, d, shape.ffn))
-    if method in ("apt", "deep_prompt"):
-        return shape.layers * 2 * n * p * d
-    raise ValueError(f"no MAC model for method {method!r}")
+    return shape.layers * 2 * n * p * d
 
 
 def predicted_overhead(shape: VitShape, image: int, method: str, form: str, prompt_len: int) -> float:

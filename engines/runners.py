@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from apt_deploy.errors import ConfigError, InputPathError
+from apt_deploy.errors import ConfigError, InputPathError, UnknownNameError
+from apt_deploy.manifest import MODEL_NAME
 
 log = logging.getLogger(__name__)
 Feed = Mapping[str, np.ndarray]
@@ -48,6 +49,17 @@ class Runner(ABC):
         """Block until queued work is done (for timing)."""
 
 
+def to_host_numpy(t: Any) -> np.ndarray:
+    """A (device) torch tensor as a host numpy array, bf16 as float32 (numpy has no bfloat16); numpy
+    arrays pass through. For the torch-based runners (trt, torch-cuda); torch is imported lazily."""
+    if isinstance(t, np.ndarray):
+        return t
+    import torch
+
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
+
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over a model file (the function body of the fused op runs unchanged)."""
 
@@ -56,6 +68,8 @@ class OnnxRuntimeRunner(Runner):
         self.model_path, self.providers, self.threads = Path(model_path), providers, threads
         self.name = name or f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in providers)}]"
         self._session: Any = None
+        self._input_names: list[str] = []
+        self._output_names: list[str] = []
 
     def activate(self) -> None:
         if self._session is not None:
@@ -63,7 +77,8 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         if not self.model_path.is_file():
-            raise InputPathError(f"ONNX model {str(self.model_path)!r} does not exist", "an exported model.onnx")
+            raise InputPathError(f"ONNX model {str(self.model_path)!r} does not exist", "an exported model.onnx",
+                                 "check the path, or write the artifact with apt-deploy export")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self.threads:
@@ -74,6 +89,8 @@ class OnnxRuntimeRunner(Runner):
         if got[0] != self.providers[0]:
             raise ConfigError(f"ONNX Runtime fell back to {got} instead of {list(self.providers)}",
                               f"the provider {self.providers[0]} to be usable", "install the matching onnxruntime build")
+        self._input_names = [i.name for i in self._session.get_inputs()]
+        self._output_names = [o.name for o in self._session.get_outputs()]
         log.info("ONNX Runtime session for %s in %.2f s (%s)", self.model_path.name, time.perf_counter() - t0, got[0])
 
     def deactivate(self) -> None:
@@ -82,13 +99,13 @@ class OnnxRuntimeRunner(Runner):
     @property
     def input_names(self) -> list[str]:
         self.activate()
-        return [i.name for i in self._session.get_inputs()]
+        return self._input_names
 
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        """Inputs the model does not take are dropped; the names are read once, in :meth:`activate`."""
         self.activate()
-        names = [o.name for o in self._session.get_outputs()]
-        wanted = {k: v for k, v in feed.items() if k in set(self.input_names)}
-        return dict(zip(names, self._session.run(names, wanted)))
+        wanted = {k: v for k, v in feed.items() if k in self._input_names}
+        return dict(zip(self._output_names, self._session.run(self._output_names, wanted)))
 
 
 class CallableRunner(Runner):
@@ -115,13 +132,11 @@ def register_backend(name: str) -> Callable[[Callable[..., Runner]], Callable[..
 
 @register_backend("onnxruntime")
 def _ort_backend(artifact_dir: str | Path, **kwargs: Any) -> Runner:
-    return OnnxRuntimeRunner(Path(artifact_dir) / "model.onnx", threads=kwargs.get("threads"))
+    return OnnxRuntimeRunner(Path(artifact_dir) / MODEL_NAME, threads=kwargs.get("threads"))
 
 
 def make_runner(backend: str, artifact_dir: str | Path, **kwargs: Any) -> Runner:
     """Build a runner for an exported artifact directory."""
-    from apt_deploy.errors import UnknownNameError
-
     _load_optional_backends()
     if backend not in BACKENDS:
         raise UnknownNameError("backend", backend, BACKENDS)

@@ -14,9 +14,11 @@ from engines.runners import Feed, Runner
 
 
 def time_interleaved(runners: Sequence[Runner], feeds: Sequence[Feed], iterations: int, warmup: int = 3,
-                     on_round=None, clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+                     on_round: Callable[[int], None] | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
     """Seconds per call for each runner; runner i gets ``feeds[i]``. Order rotates every round so no
-    runner is always first after the others. ``clock`` is injectable so tests can use a fake one."""
+    runner is always first after the others; ``on_round(r)`` runs after round ``r``, outside the timed
+    calls. ``clock`` is injectable so tests can use a fake one."""
     for runner, feed in zip(runners, feeds):
         for _ in range(warmup):
             runner.infer(feed)

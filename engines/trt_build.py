@@ -22,7 +22,8 @@ from typing import Any
 
 from apt_deploy.errors import ConfigError, InputPathError
 from apt_deploy.features import require
-from apt_deploy.fileio import write_bytes_atomic, write_json_atomic
+from apt_deploy.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+from apt_deploy.manifest import MODEL_NAME, now_iso, read_manifest, tool_versions
 from apt_deploy.progress import timed_step
 from apt_deploy.settings import EngineSettings
 
@@ -53,7 +54,8 @@ def profiles_from_manifest(manifest: dict[str, Any]) -> tuple[tuple[str, tuple[i
 def check_precision(precision: str, manifest: dict[str, Any]) -> None:
     """The engine precision must be the ONNX's own (strong typing): say how to get the other one."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}", f"one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {precision!r}", f"one of {', '.join(PRECISIONS)}",
+                          f"pass --precision {manifest.get('dtype', 'fp32')} (the artifact's export dtype)")
     exported = manifest.get("dtype", "fp32")
     if precision != exported:
         raise ConfigError(
@@ -65,7 +67,7 @@ def check_precision(precision: str, manifest: dict[str, Any]) -> None:
 
 def onnx_files(artifact_dir: Path, manifest: dict[str, Any]) -> list[Path]:
     """model.onnx and its external data file (if any), in hashing order."""
-    files = manifest.get("files") or {"model": "model.onnx"}
+    files = manifest.get("files") or {"model": MODEL_NAME}
     paths = [artifact_dir / files["model"]] + ([artifact_dir / files["external_data"]] if files.get("external_data") else [])
     for path in paths:
         if not path.is_file():
@@ -90,9 +92,10 @@ def engine_cache_key(files: list[Path], settings: EngineSettings, trt_version: s
 
 
 def kernel_sha256() -> str:
+    """sha256 of the Triton kernel's source file (a kernel change rebuilds plugin engines)."""
     from engines.kernels.triton_apd import source_path
 
-    return hashlib.sha256(source_path().read_bytes()).hexdigest()
+    return sha256_file(source_path())
 
 
 def device_info() -> dict[str, Any]:
@@ -109,8 +112,6 @@ def build_engine(artifact_dir: str | Path, precision: str = "fp32", use_plugin: 
                  builder_optimization_level: int | None = None, tf32: bool = False, plugin_mode: str = "auto",
                  force: bool = False) -> Path:
     """Build (or reuse) the engine of an artifact; returns the engine path (see module docstring)."""
-    from apt_deploy.manifest import read_manifest
-
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)                                                  # 1
     check_precision(precision, manifest)
@@ -177,8 +178,6 @@ def _build(onnx_path: Path, settings: EngineSettings, timing_cache: str | Path |
 def _metadata(key: str, settings: EngineSettings, plugin: dict[str, Any] | None, device: dict[str, Any],
               manifest: dict[str, Any], seconds: float, engine_bytes: bytes) -> dict[str, Any]:
     import tensorrt as trt
-
-    from apt_deploy.manifest import now_iso, tool_versions
 
     return {"cache_key": key, "created": now_iso(), "tensorrt_version": trt.__version__, "device": device,
             "plugin": plugin, "settings": settings.to_json(), "build_seconds": round(seconds, 3),

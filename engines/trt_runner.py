@@ -9,16 +9,16 @@ outputs come back as numpy (bf16 as float32). tensorrt and torch are imported la
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apt_deploy.errors import CheckpointError, ConfigError, InputPathError
+from apt_deploy.errors import ConfigError, InputPathError
 from apt_deploy.features import require
-from engines.runners import Feed, Runner, register_backend
+from apt_deploy.fileio import read_json
+from engines.runners import Feed, Runner, register_backend, to_host_numpy
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,14 @@ def check_compatible(metadata: dict[str, Any], trt_version: str, device: dict[st
 
 
 def read_metadata(engine_path: Path) -> dict[str, Any]:
+    """The metadata JSON beside an engine; a missing engine, missing or invalid JSON each say how to fix it."""
     from engines.trt_build import metadata_path
 
-    path = metadata_path(engine_path)
     if not engine_path.is_file():
         raise InputPathError(f"TensorRT engine {str(engine_path)!r} does not exist", "an engine built by apt-deploy build",
                              f"run: apt-deploy build {engine_path.parent}")
-    if not path.is_file():
-        raise InputPathError(f"engine metadata {str(path)!r} is missing", "the JSON apt-deploy build writes beside the engine",
-                             "rebuild the engine with apt-deploy build")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "the engine metadata written by apt-deploy build") from e
+    return read_json(metadata_path(engine_path), "engine metadata", "the JSON apt-deploy build writes beside the engine",
+                     "rebuild the engine with apt-deploy build")
 
 
 class TensorRTRunner(Runner):
@@ -98,7 +93,7 @@ class TensorRTRunner(Runner):
         tensors = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).to(device="cuda", dtype=dt)
                    for n, dt in self._inputs.items()}
         outputs = self._runner.infer(tensors, copy_outputs_to_host=True)
-        return {n: _to_numpy(t) for n, t in outputs.items()}
+        return {n: to_host_numpy(t) for n, t in outputs.items()}
 
     def synchronize(self) -> None:
         import torch
@@ -121,15 +116,6 @@ def _torch_dtype(trt_dtype: Any) -> Any:
     if trt_dtype not in table:
         raise ConfigError(f"engine input type {trt_dtype}", f"one of {sorted(str(k) for k in table)}")
     return table[trt_dtype]
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    if isinstance(t, np.ndarray):
-        return t
-    t = t.detach()
-    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 @register_backend("trt")

@@ -110,9 +110,9 @@ def test_aot_ptx_meets_the_tensorrt_launch_contract(dtype):
     (inputs, M/P/D, output); any trailing Triton scratch params are never read; shared memory < 48 KiB."""
     from triton.backends.compiler import GPUTarget
 
-    from engines.kernels.triton_apd import AOT_MAX_SHARED_BYTES, CONFIGS, KERNEL_ARGS, compile_for_aot
+    from engines.kernels.triton_apd import AOT_MAX_SHARED_BYTES, KERNEL_ARGS, aot_config, compile_for_aot
 
-    config = CONFIGS[2] if dtype == "float32" else CONFIGS[1]  # what the AOT plugin uses
+    config = aot_config(dtype)  # what the AOT plugin uses
     compiled = compile_for_aot(dtype, config, target=GPUTarget("cuda", 90, 32))
     ptx, name = compiled.asm["ptx"], compiled.metadata.name
     assert compiled.metadata.shared <= AOT_MAX_SHARED_BYTES

@@ -170,8 +170,9 @@ def test_build_with_the_wrong_precision_exits_2(apt_artifact, monkeypatch, capsy
     assert "--dtype bf16" in capsys.readouterr().err
 
 
-def test_build_bad_workspace_exits_2(apt_artifact, monkeypatch, capsys):
-    assert _main(monkeypatch, ["build", str(apt_artifact), "--workspace", "lots"]) == 2
+@pytest.mark.parametrize("size", ["lots", "nan", "inf"])
+def test_build_bad_workspace_exits_2(apt_artifact, monkeypatch, capsys, size):
+    assert _main(monkeypatch, ["build", str(apt_artifact), "--workspace", size]) == 2
     assert "--workspace" in capsys.readouterr().err
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engines.baseline import Comparison, Thresholds
 
 NAME = "bench"
 HELP = ("time one or more exported artifacts interleaved in one process (p50/p90/p99, throughput, memory, size, "
@@ -29,25 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apt_deploy.fileio import write_json_atomic
-    from engines import baseline as bl
     from apt_deploy.settings import BenchSettings
-    from engines.bench import benchmark, format_table, load_artifacts
+    from engines import baseline as bl
+    from engines.bench import benchmark, format_table
 
     thresholds = bl.Thresholds(bl.parse_percent(args.max_regression, "--max-regression"),
                                bl.parse_percent(args.max_regression_p99, "--max-regression-p99"))
     reference = bl.load_baseline(args.baseline) if args.baseline else None
     settings = BenchSettings(backend=args.backend, batch=args.batch, iterations=args.iterations,
                              warmup=args.warmup, threads=args.threads)
-    load_artifacts(args.artifacts)  # fail on a bad path before any session is created
-    report = benchmark(args.artifacts, settings)
+    report = benchmark(args.artifacts, settings)  # reads every manifest before any session is created
     print(format_table(report))
-    if reference is not None:
-        report["regression"] = _compare(bl, reference, report, thresholds)
+    comparisons = _compare(reference, report, thresholds) if reference is not None else None
     if args.json:
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
-    if reference is not None:
-        bl.gate([bl.Comparison(**c) for c in report["regression"]["comparisons"]], thresholds)
+    if comparisons is not None:
+        bl.gate(comparisons, thresholds)
         print("latency gate: OK")
     if args.save_baseline:
         bl.save_baseline(report, args.save_baseline)
@@ -55,13 +57,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(bl, reference: dict, report: dict, thresholds) -> dict:
-    """Comparisons printed and recorded in the report (the gate itself runs after the JSON is written)."""
+def _compare(reference: dict[str, Any], report: dict[str, Any], thresholds: Thresholds) -> list[Comparison]:
+    """Print the comparisons and record them in ``report["regression"]`` (the gate itself runs after the
+    JSON is written)."""
     from dataclasses import asdict
+
+    from engines import baseline as bl
 
     warnings = bl.warn_if_incomparable(reference, report)
     comparisons = bl.compare(reference, report, thresholds)
     for c in comparisons:
         print(c.line())
-    return {"thresholds": asdict(thresholds), "warnings": warnings,
-            "comparisons": [asdict(c) for c in comparisons], "regressed": any(c.regressed for c in comparisons)}
+    report["regression"] = {"thresholds": asdict(thresholds), "warnings": warnings,
+                            "comparisons": [asdict(c) for c in comparisons],
+                            "regressed": any(c.regressed for c in comparisons)}
+    return comparisons

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from apt_deploy.errors import ConfigError
 
@@ -39,9 +40,10 @@ def parse_size(text: str | None) -> int | None:
     try:
         value = float(t[:-1] if t[-1:] in _UNITS else t)
     except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ConfigError(f"--workspace {text!r}", "a positive size such as 2G, 512M or a byte count")
+        value = math.nan
+    if not 0 < value < math.inf:  # also refuses nan and inf, which int() cannot take
+        raise ConfigError(f"--workspace {text!r}", "a positive size such as 2G, 512M or a byte count",
+                          "pass e.g. --workspace 2G")
     return int(value * scale)
 
 

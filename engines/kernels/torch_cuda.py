@@ -17,7 +17,7 @@ import numpy as np
 from apt_deploy.errors import ConfigError
 from apt_deploy.features import require
 from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
-from engines.runners import Feed, Runner, register_backend
+from engines.runners import Feed, Runner, register_backend, to_host_numpy
 
 log = logging.getLogger(__name__)
 MODES = ("eager", "graphs", "compile")
@@ -99,7 +99,7 @@ class TorchCudaRunner(Runner):
             outputs = self._graphs[key].replay(inputs)
         else:
             outputs = self._forward(inputs)
-        return {n: _to_numpy(t) for n, t in zip(self.output_names, outputs)}
+        return {n: to_host_numpy(t) for n, t in zip(self.output_names, outputs)}
 
     def synchronize(self) -> None:
         import torch
@@ -157,13 +157,6 @@ def _as_list(out: Any, names: Sequence[str]) -> list[Any]:
     if isinstance(out, (tuple, list)):
         return list(out)
     return [getattr(out, n) for n in names]
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach()
-    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 @register_backend("torch-cuda")

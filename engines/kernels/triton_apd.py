@@ -36,6 +36,8 @@ SCALAR_ARGS = ("M", "P", "D")
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 INPUT_PRECISION = "ieee"
 """fp32 dots in IEEE fp32, never TF32 (TF32 would miss the fp32 tolerance); ignored for fp16/bf16 dots."""
+AOT_MAX_SHARED_BYTES = 48 * 1024
+MIN_AOT_TRITON = (3, 3)
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,17 @@ def source_path() -> Path:
 
 
 def pick_config(m: int, dtype: str) -> KernelConfig:
-    """Heuristic choice for a launch with ``m`` rows (torch path and the default TensorRT tactic)."""
+    """Heuristic choice for a launch with ``m`` rows (torch path, and a JIT plugin tactic outside the table)."""
     if m <= 16:
         return CONFIGS[3]
     if dtype == "float32":
         return CONFIGS[2]
     return CONFIGS[0] if m >= 256 else CONFIGS[1]
+
+
+def aot_config(dtype: str) -> KernelConfig:
+    """The one kernel variant the AOT plugin bakes into an engine (rows are unknown at build time)."""
+    return CONFIGS[2] if dtype == "float32" else CONFIGS[1]
 
 
 @functools.cache
@@ -186,10 +193,6 @@ def compile_for_aot(dtype: str, config: KernelConfig, target: Any = None) -> Any
     compiled = triton.compile(ASTSource(kernel(), signature, constexprs=constexprs), target=target, options=options)
     _check_aot_contract(compiled.metadata)
     return compiled
-
-
-AOT_MAX_SHARED_BYTES = 48 * 1024
-MIN_AOT_TRITON = (3, 3)
 
 
 def _check_aot_contract(metadata: Any) -> None:

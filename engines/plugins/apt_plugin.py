@@ -131,7 +131,7 @@ def _aot_impl(trtp: Any) -> Any:
     def approx_prompt_diffusion_aot(x_in, o, K, V, outputs, tactic: int) -> Tuple[
             Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = _dtype_name(o.dtype)
-        config = triton_apd.CONFIGS[2] if dtype == "float32" else triton_apd.CONFIGS[1]
+        config = triton_apd.aot_config(dtype)
         compiled = triton_apd.compile_for_aot(dtype, config)
         rows, d, p = _rows_expr(x_in.shape_expr), x_in.shape_expr[len(x_in.shape_expr) - 1], K.shape_expr[0]
         launch = trtp.KernelLaunchParams()
