@@ -129,4 +129,6 @@ def _feed_from_manifest(artifact: Path) -> dict[str, Any]:
 
 
 def _size(artifact: Path) -> int:
-    return sum(p.stat().st_size for p in artifact.glob("model.onnx*"))
+    from apt_deploy.manifest import onnx_files, read_manifest
+
+    return sum(p.stat().st_size for p in onnx_files(artifact, read_manifest(artifact)))

@@ -60,3 +60,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def input_shapes(manifest: dict[str, Any], which: str = "opt") -> dict[str, tuple[int, ...]]:
     """name -> the ``min``/``opt``/``max`` shape of every input."""
     return {i["name"]: tuple(i[f"{which}_shape"]) for i in manifest["inputs"]}
+
+
+def onnx_files(directory: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """``model.onnx`` and its external data file (if any) as the manifest lists them, in hashing order;
+    a missing one is an error."""
+    files = manifest.get("files") or {"model": MODEL_NAME}
+    names = [files["model"]] + ([files["external_data"]] if files.get("external_data") else [])
+    paths = [Path(directory) / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise InputPathError(f"artifact file {str(path)!r} is missing", "the files listed in manifest.json",
+                                 "re-export the artifact")
+    return paths

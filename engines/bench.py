@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from apt_deploy.errors import ConfigError
-from apt_deploy.manifest import MODEL_NAME, now_iso, read_manifest, tool_versions
+from apt_deploy.manifest import now_iso, onnx_files, read_manifest, tool_versions
 from apt_deploy.progress import progress, timed_step
 from engines.machine import (MB, OtherLoadMeter, PeakRssSampler, load_average, machine_info,
                              process_peak_rss_bytes)
@@ -113,11 +113,8 @@ def _numpy_dtype(inp: dict[str, Any]) -> np.dtype:
 
 def artifact_size(art: Artifact) -> dict[str, Any]:
     """Bytes of model.onnx and its external data (the files the manifest lists)."""
-    files = art.manifest.get("files") or {}
-    onnx_file = art.path / files.get("model", MODEL_NAME)
-    data_file = art.path / files["external_data"] if files.get("external_data") else None
-    onnx_bytes = onnx_file.stat().st_size if onnx_file.is_file() else 0
-    data_bytes = data_file.stat().st_size if data_file and data_file.is_file() else 0
+    sizes = [path.stat().st_size for path in onnx_files(art.path, art.manifest)]
+    onnx_bytes, data_bytes = sizes[0], sum(sizes[1:])
     return {"onnx_bytes": onnx_bytes, "data_bytes": data_bytes, "total_mb": round((onnx_bytes + data_bytes) / MB, 2)}
 
 

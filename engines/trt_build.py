@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from apt_deploy.errors import ConfigError, InputPathError
+from apt_deploy.errors import ConfigError
 from apt_deploy.features import require
 from apt_deploy.fileio import sha256_file, write_bytes_atomic, write_json_atomic
-from apt_deploy.manifest import MODEL_NAME, now_iso, read_manifest, tool_versions
+from apt_deploy.manifest import now_iso, onnx_files, read_manifest, tool_versions
 from apt_deploy.progress import timed_step
 from apt_deploy.settings import EngineSettings
 
@@ -63,17 +63,6 @@ def check_precision(precision: str, manifest: dict[str, Any]) -> None:
             f"--precision {exported} (engines are strongly typed: TensorRT 11 has no FP16/BF16 builder flags, "
             "the ONNX's tensor types decide)",
             f"build with --precision {exported}, or re-export with `apt-deploy export --dtype {precision}` and build that")
-
-
-def onnx_files(artifact_dir: Path, manifest: dict[str, Any]) -> list[Path]:
-    """model.onnx and its external data file (if any), in hashing order."""
-    files = manifest.get("files") or {"model": MODEL_NAME}
-    paths = [artifact_dir / files["model"]] + ([artifact_dir / files["external_data"]] if files.get("external_data") else [])
-    for path in paths:
-        if not path.is_file():
-            raise InputPathError(f"artifact file {str(path)!r} is missing", "the files listed in manifest.json",
-                                 "re-export the artifact")
-    return paths
 
 
 def engine_cache_key(files: list[Path], settings: EngineSettings, trt_version: str, device: dict[str, Any],

@@ -175,19 +175,14 @@ def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]
     """The ONNX files still hash to what the manifest recorded, and the checker accepts the model."""
     from apt_deploy.errors import CheckpointError
     from apt_deploy.fileio import sha256_file
+    from apt_deploy.manifest import onnx_files
 
-    files = manifest["files"]
-    for key, name in (("onnx", files["model"]), ("onnx_data", files.get("external_data"))):
-        if name is None:
-            continue
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"artifact file {str(path)!r} is missing", "the files listed in manifest.json",
-                                  "re-export the artifact")
+    paths = onnx_files(directory, manifest)
+    for key, path in zip(("onnx", "onnx_data"), paths):
         if sha256_file(path) != manifest["sha256"][key]:
-            raise CheckpointError(f"{name} does not match the sha256 recorded in manifest.json (modified or truncated)",
+            raise CheckpointError(f"{path.name} does not match the sha256 recorded in manifest.json (modified or truncated)",
                                   f"sha256 {manifest['sha256'][key][:16]}...", "re-export the artifact")
-    onnx.checker.check_model(str(directory / files["model"]), full_check=True)
+    onnx.checker.check_model(str(paths[0]), full_check=True)
     return {"sha256": "ok", "onnx_checker": "ok"}
 
 
