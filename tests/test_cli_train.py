@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import apt_deploy.cli as cli
 from apt_deploy.cli import main
@@ -108,3 +109,13 @@ def test_help_works_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--head-lr-mult" in proc.stdout and "--prompt-len" in proc.stdout
+
+
+def test_cache_images_trains_to_the_same_tensors(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert main(args(workspace, plain)) == 0
+    assert main(args(workspace, cached, "--cache-images")) == 0
+    a, b = load_file(str(plain / "prompts.safetensors")), load_file(str(cached / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "length = the model's num_labels")
     d.add_argument("--eval-data", metavar="EVAL", help="held-out data, evaluated at the end (vilt: VQA accuracy)")
     d.add_argument("--image-root", metavar="DIR", help="folder relative image paths resolve against (default: the file's)")
+    d.add_argument("--cache-images", action="store_true", help="keep preprocessed examples in memory after the "
+                   "first epoch (faster; ~4.4 MB per 384x384 image in fp32 — only for datasets that fit in RAM)")
     d.add_argument("--text-len", type=int, default=None, help="vilt: question tokens incl. [CLS]/[SEP] "
                    "(default min(40, model max))")
     _add_recipe_arguments(parser)
@@ -110,8 +112,10 @@ def _vilt_data(args: argparse.Namespace, model: nn.Module) -> tuple[Any, VQAData
     _set_labels(model, answers)
     processor = load_processor(args.model)
     text_len = _text_len(args.text_len, model.config.max_position_embeddings)
-    train_set = load_vqa_jsonl(args.data, answers, processor, text_len, args.image_root)
-    eval_set = load_vqa_jsonl(args.eval_data, answers, processor, text_len, args.image_root) if args.eval_data else None
+    cache = args.cache_images
+    train_set = load_vqa_jsonl(args.data, answers, processor, text_len, args.image_root, cache=cache)
+    eval_set = load_vqa_jsonl(args.eval_data, answers, processor, text_len, args.image_root, cache=cache) \
+        if args.eval_data else None
     return processor, train_set, eval_set
 
 
