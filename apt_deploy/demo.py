@@ -86,9 +86,8 @@ def answer_baselines(train: Any, test: Any) -> dict[str, float]:
 
 
 def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
-    import json
-
     import apt_deploy as ad
+    from apt_deploy.manifest import read_manifest
     from apt_deploy.pipeline import load_trained
     from apt_deploy.settings import ExportSettings
     from exporters.onnx_export import export_artifact
@@ -97,19 +96,21 @@ def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, An
     source = {"model_dir": str(base_dir.resolve()), "prompts_dir": str(prompts_dir.resolve())}
     artifact = export_artifact(load_trained(base_dir, prompts_dir), work / "artifact", settings, source=source)
     base = export_artifact(ad.get_backbone("vilt").load(str(base_dir)), work / "artifact_base", settings)
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest = read_manifest(artifact)
     summary["export"] = {"artifact": str(artifact), "fused_nodes": manifest["fused_op"]["count"],
-                         "onnx_bytes": _size(artifact), "base_onnx_bytes": _size(base),
+                         "onnx_bytes": _size(artifact, manifest), "base_onnx_bytes": _size(base, read_manifest(base)),
                          "validation": manifest["validation"]}
     return artifact, base
 
 
 def _latency(base: Path, artifact: Path, settings: DemoSettings) -> dict[str, Any]:
+    from apt_deploy.manifest import read_manifest
+    from apt_deploy.progress import timed_step
+    from engines.bench import build_feed
     from engines.runners import OnnxRuntimeRunner
     from engines.timing import ratio_table, summarize, time_interleaved
-    from apt_deploy.progress import timed_step
 
-    feed = _feed_from_manifest(artifact)
+    feed = build_feed(read_manifest(artifact), batch=1)
     runners = [OnnxRuntimeRunner(base / "model.onnx", name="base"), OnnxRuntimeRunner(artifact / "model.onnx", name="apt")]
     with timed_step(f"ONNX Runtime latency, base vs APT interleaved, {settings.latency_iterations} iterations"):
         times = time_interleaved(runners, [feed, feed], settings.latency_iterations, warmup=5)
@@ -117,18 +118,7 @@ def _latency(base: Path, artifact: Path, settings: DemoSettings) -> dict[str, An
     return {"batch": 1, "stats": stats, "p50_ratio": ratio_table(stats)}
 
 
-def _feed_from_manifest(artifact: Path) -> dict[str, Any]:
-    import numpy as np
+def _size(artifact: Path, manifest: dict[str, Any]) -> int:
+    from apt_deploy.manifest import onnx_files
 
-    from apt_deploy.manifest import input_shapes, read_manifest
-
-    rng = np.random.default_rng(0)
-    shapes = input_shapes(read_manifest(artifact), "min")
-    return {name: (rng.standard_normal(shape).astype(np.float32) if name == "pixel_values" else np.ones(shape, np.int64))
-            for name, shape in shapes.items()}
-
-
-def _size(artifact: Path) -> int:
-    from apt_deploy.manifest import onnx_files, read_manifest
-
-    return sum(p.stat().st_size for p in onnx_files(artifact, read_manifest(artifact)))
+    return sum(p.stat().st_size for p in onnx_files(artifact, manifest))
