@@ -53,8 +53,6 @@ def parity_tolerance(dtype: str) -> Tolerance:
 def validate_export(model: nn.Module, folded: nn.Module, module: nn.Module, spec: BackboneSpec,
                     specs: list[InputSpec], onnx_path: Path, settings: Any) -> dict[str, Any]:
     """All parity checks for a fresh export; raises ParityError on the first failing check."""
-    from exporters.onnx_export import cast_feed
-
     result: dict[str, Any] = {}
     if model is not folded:
         result["training_vs_folded"] = _compare_torch(model, folded, spec, specs, settings.seed)
@@ -63,17 +61,22 @@ def validate_export(model: nn.Module, folded: nn.Module, module: nn.Module, spec
         return {**result, "onnxruntime_vs_torch": {"skipped": ORT_CPU_UNSUPPORTED[settings.dtype]}}
     result["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
     reference_module = spec.export_module(folded) if settings.dtype != "fp32" else module
-    tol = parity_tolerance(settings.dtype)
     with OnnxRuntimeRunner(onnx_path) as ort_runner:
-        runs = []
-        for i, which in enumerate(CHECK_SHAPES):
-            feed = spec.dummy_inputs(folded, specs, which, settings.seed + 1 + i)
-            expected = torch_outputs(reference_module, spec, folded, feed)
-            actual = ort_runner.infer({k: v.numpy() for k, v in cast_feed(feed, settings.dtype).items()})
-            diffs = assert_close(expected, actual, tol, f"ONNX Runtime vs PyTorch at {which} shapes")
-            runs.append(_report(which, diffs))
-    result["onnxruntime_vs_torch"] = {"tolerance": tol.to_json(), "runs": runs}
+        result["onnxruntime_vs_torch"] = runtime_vs_torch(ort_runner, reference_module, spec, folded, specs,
+                                                          settings.dtype, settings.seed)
     return result
+
+
+def runtime_vs_torch(runner: Any, reference: nn.Module, spec: BackboneSpec, folded: nn.Module,
+                     specs: list[InputSpec], dtype: str, seed: int) -> dict[str, Any]:
+    """``runner`` vs the PyTorch ``reference`` on seeded inputs at every shape set of CHECK_SHAPES."""
+    tol, runs = parity_tolerance(dtype), []
+    for i, which in enumerate(CHECK_SHAPES):
+        feed = spec.dummy_inputs(folded, specs, which, seed + 1 + i)
+        expected = torch_outputs(reference, spec, folded, feed)
+        actual = runner.infer(_numpy_feed(feed, dtype))
+        runs.append(_report(which, assert_close(expected, actual, tol, f"{runner.name} vs PyTorch at {which} shapes")))
+    return {"tolerance": tol.to_json(), "runs": runs}
 
 
 def _compare_torch(model: nn.Module, folded: nn.Module, spec: BackboneSpec, specs: list[InputSpec], seed: int) -> dict:
@@ -159,15 +162,10 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
     spec = get_backbone(manifest["backbone"])
     specs = [InputSpec(i["name"], i["dtype"], tuple(i["axes"]), tuple(i["min_shape"]), tuple(i["opt_shape"]),
                        tuple(i["max_shape"])) for i in manifest["inputs"]]
-    tol, seed = parity_tolerance(manifest["dtype"]), manifest["export_settings"]["seed"] if seed is None else seed
-    runs = []
+    seed = manifest["export_settings"]["seed"] if seed is None else seed
     with runner:
-        for i, which in enumerate(CHECK_SHAPES):
-            feed = spec.dummy_inputs(folded, specs, which, seed + 1 + i)
-            expected = torch_outputs(spec.export_module(folded), spec, folded, feed)
-            actual = runner.infer(_numpy_feed(feed, manifest["dtype"]))
-            runs.append(_report(which, assert_close(expected, actual, tol, f"{runner.name} vs PyTorch at {which} shapes")))
-    report[f"{backend}_vs_torch"] = {"tolerance": tol.to_json(), "runs": runs}
+        report[f"{backend}_vs_torch"] = runtime_vs_torch(runner, spec.export_module(folded), spec, folded, specs,
+                                                         manifest["dtype"], seed)
     return report
 
 
