@@ -34,6 +34,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def refuse_existing(out: str | Path, overwrite: bool, flag: str = "path") -> None:
+    """Raise OutputExistsError when ``out`` exists and overwriting was not asked for."""
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"output directory {str(out)!r} already exists", "a path that does not exist yet",
+                                f"choose another {flag} or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory beside ``out_dir``; on success it is renamed into place.
@@ -42,9 +49,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     version, or complete. ``out_dir`` existing without ``overwrite`` is refused before work starts.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {str(out)!r} already exists",
-                                "a path that does not exist yet", "choose another path or pass --overwrite")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from apt_deploy.errors import ConfigError, OutputExistsError
+from apt_deploy import fileio
+from apt_deploy.errors import ConfigError
 
 BACKBONE_NAMES = ("vilt", "clip")  # for --help only; the registry is the source of truth at run time
 
@@ -50,6 +50,4 @@ def parse_ints(text: str, count: int, flag: str) -> tuple[int, ...]:
 
 def refuse_existing(out: str, overwrite: bool) -> None:
     """Fail fast, before any heavy work, when the output exists."""
-    if Path(out).exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out!r} already exists", "a path that does not exist yet",
-                                "choose another --out or pass --overwrite")
+    fileio.refuse_existing(out, overwrite, flag="--out")
