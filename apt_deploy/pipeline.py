@@ -37,3 +37,45 @@ def load_folded_from_manifest(manifest: dict[str, Any], model_dir: str | None = 
                              f"prompts={prompts_dir!r})", "the base model and prompt directories it was exported from",
                              "pass --model MODEL_DIR --prompts PROMPT_DIR")
     return fold(load_trained(model_dir, prompts_dir, manifest["backbone"]))
+
+
+class ReferenceModule(nn.Module):
+    """The PyTorch form of an artifact for runners: ``forward(**feed)`` returns the outputs in the
+    manifest's order, computed under the backbone's export patches (what the ONNX model was traced with).
+
+    Built by :func:`load_reference_module`; the runners in ``engines`` receive it through a
+    ``load_model`` callable, so they never import the torch side of apt_deploy.
+    """
+
+    def __init__(self, folded: nn.Module, output_names: list[str]) -> None:
+        super().__init__()
+        from apt_deploy.backbones import spec_for_model
+
+        self.spec = spec_for_model(folded)
+        self.folded, self.module, self.output_names = folded, self.spec.export_module(folded), output_names
+
+    def forward(self, **feed: Any) -> list[Any]:
+        import torch
+
+        with self.spec.export_context(self.folded):
+            out = self.module(**feed)
+        if isinstance(out, torch.Tensor):
+            return [out]
+        if isinstance(out, (tuple, list)):
+            return list(out)
+        return [getattr(out, n) for n in self.output_names]
+
+
+def load_reference_module(manifest: dict[str, Any], model_dir: str | None = None,
+                          prompts_dir: str | None = None) -> ReferenceModule:
+    """The folded PyTorch model an artifact came from, as a :class:`ReferenceModule` (eval, fp32, CPU).
+    A base-model artifact (method ``none``) needs only the model directory."""
+    names = [o["name"] for o in manifest["outputs"]]
+    if manifest.get("method") == "none":
+        source = manifest.get("source") or {}
+        model_dir = model_dir or source.get("model_dir")
+        if not model_dir or not Path(model_dir).is_dir():
+            raise InputPathError(f"the base model directory of this base-model artifact is not available ({model_dir!r})",
+                                 "the base model directory it was exported from", "pass --model MODEL_DIR")
+        return ReferenceModule(get_backbone(manifest["backbone"]).load(str(model_dir)).eval(), names)
+    return ReferenceModule(load_folded_from_manifest(manifest, model_dir, prompts_dir).eval(), names)
