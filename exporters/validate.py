@@ -155,7 +155,9 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
 
         raise ConfigError(f"a {manifest['dtype']} artifact cannot run on ONNX Runtime CPU",
                           "a backend with bfloat16 kernels", ORT_CPU_UNSUPPORTED[manifest["dtype"]])
-    runner = make_runner(backend, directory)
+    from apt_deploy.pipeline import load_reference_module
+
+    runner = make_runner(backend, directory, load_model=lambda: load_reference_module(manifest, model_dir, prompts_dir))
     runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before the PyTorch model is loaded
     report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
     folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)

@@ -186,7 +186,7 @@ def test_backends_register_without_gpu_dependencies(apt_artifact):
             runner.activate()
     if not has("cuda"):
         with pytest.raises(MissingDependencyError, match="cuda"):
-            make_runner("torch-cuda", apt_artifact).activate()
+            make_runner("torch-cuda", apt_artifact, load_model=lambda: None).activate()
 
 
 # --- TensorRT builds and runs (skip without tensorrt / GPU) -----------------------------------------

@@ -8,7 +8,7 @@ backend calls it when ``use_triton=True`` (the default). torch is imported insid
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,14 @@ class TorchCudaRunner(Runner):
     """The folded model of an artifact on CUDA: ``eager``, ``graphs`` (one CUDA graph per input-shape
     set, replayed with static buffers) or ``compile`` (``torch.compile``)."""
 
-    def __init__(self, artifact_dir: str | Path, mode: str = "graphs", use_triton: bool = True,
-                 model_dir: str | None = None, prompts_dir: str | None = None) -> None:
+    def __init__(self, artifact_dir: str | Path, load_model: Callable[[], Any], mode: str = "graphs",
+                 use_triton: bool = True) -> None:
+        """``load_model()`` returns the artifact's PyTorch form on CPU in fp32 (apt_deploy.pipeline's
+        ReferenceModule: ``forward(**feed)`` -> outputs in manifest order, export patches applied); the caller
+        builds it, so this runner never imports apt_deploy's torch side."""
         if mode not in MODES:
             raise ConfigError(f"torch-cuda mode {mode!r}", f"one of {', '.join(MODES)}", "pass mode=graphs (default)")
-        self.artifact_dir, self.mode, self.use_triton = Path(artifact_dir), mode, use_triton
-        self.model_dir, self.prompts_dir = model_dir, prompts_dir
+        self.artifact_dir, self.mode, self.use_triton, self.load_model = Path(artifact_dir), mode, use_triton, load_model
         self.name = f"torch-cuda[{mode}{',triton' if use_triton else ''}]"
         self._module: Any = None
         self._graphs: dict[tuple, _CapturedGraph] = {}
@@ -73,16 +75,12 @@ class TorchCudaRunner(Runner):
     def _load(self) -> None:
         import torch
 
-        from apt_deploy.backbones import get_backbone
         from apt_deploy.manifest import read_manifest
-        from apt_deploy.pipeline import load_folded_from_manifest
 
         self.manifest = read_manifest(self.artifact_dir)
-        folded = load_folded_from_manifest(self.manifest, self.model_dir, self.prompts_dir)
-        self.spec = get_backbone(self.manifest["backbone"])
-        self.folded, self.output_names = folded, self.spec.output_names(folded)
+        self.output_names = [o["name"] for o in self.manifest["outputs"]]
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest["dtype"]]
-        module = self.spec.export_module(folded).to(device="cuda", dtype=self.dtype).eval()
+        module = self.load_model().to(device="cuda", dtype=self.dtype).eval()
         self._module = torch.compile(module, mode="max-autotune-no-cudagraphs") if self.mode == "compile" else module
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
 
@@ -120,8 +118,8 @@ class TorchCudaRunner(Runner):
     def _forward(self, inputs: dict[str, Any]) -> list[Any]:
         import torch
 
-        with torch.no_grad(), self.spec.export_context(self.folded):
-            return _as_list(self._module(**inputs), self.output_names)
+        with torch.no_grad():
+            return list(self._module(**inputs))
 
 
 class _CapturedGraph:
@@ -149,17 +147,11 @@ class _CapturedGraph:
         return [t.clone() for t in self.static_outputs]
 
 
-def _as_list(out: Any, names: Sequence[str]) -> list[Any]:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return list(out)
-    return [getattr(out, n) for n in names]
-
-
 @register_backend("torch-cuda")
 def _torch_cuda_backend(artifact_dir: str | Path, **kwargs: Any) -> Runner:
-    known = {"mode", "use_triton", "model_dir", "prompts_dir"}
+    if kwargs.get("load_model") is None:
+        raise ConfigError("the torch-cuda backend without a PyTorch model loader",
+                          "load_model=callable returning the artifact's PyTorch form",
+                          "use apt-deploy verify/bench, which pass apt_deploy.pipeline.load_reference_module")
+    known = {"mode", "use_triton", "load_model"}
     return TorchCudaRunner(artifact_dir, **{k: v for k, v in kwargs.items() if k in known})
