@@ -131,12 +131,12 @@ def _aot_impl(trtp: Any) -> Any:
     def approx_prompt_diffusion_aot(x_in, o, K, V, outputs, tactic: int) -> Tuple[
             Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = _dtype_name(o.dtype)
-        config = triton_apd.aot_config(dtype)
-        compiled = triton_apd.compile_for_aot(dtype, config)
+        config = triton_apd.aot_config(dtype, _constant_prompts(K.shape_expr[0]))
+        compiled = triton_apd.compile_for_aot(dtype, config)  # PTX ISA AOT_PTX_VERSION: loadable by CUDA 12 drivers
         rows, d, p = _rows_expr(x_in.shape_expr), x_in.shape_expr[len(x_in.shape_expr) - 1], K.shape_expr[0]
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(rows, config.block_m)
-        launch.grid_y = trtp.cdiv(d, config.block_n)
+        launch.grid_x = trtp.cdiv(rows, config.block_m)  # one program per row tile (it owns all d columns)
+        launch.grid_y = 1
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (rows, p, d)])  # M, P, D in kernel order
@@ -157,6 +157,14 @@ def _jit_impl(trtp: Any) -> Any:
             triton_apd.approx_prompt_diffusion_triton(*inputs, config=config, out=_as_torch(outputs[0]))
 
     return approx_prompt_diffusion_jit
+
+
+def _constant_prompts(p_expr: Any) -> int:
+    """P at build time: the kernel's prompt tile is a compile-time constant, and K/V are folded initializers."""
+    if not p_expr.is_constant:
+        raise ConfigError("the APT plugin's K input with a dynamic prompt dimension",
+                          "K and V as constant initializers (a fixed prompt count)", "re-export the artifact")
+    return int(p_expr.constant_value())
 
 
 def _rows_expr(shape_expr: Any) -> Any:
