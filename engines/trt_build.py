@@ -2,10 +2,13 @@
 
 ``build_engine`` reads as its steps: 1. read the manifest and check the precision against the
 artifact's dtype; 2. settle the settings and the cache key (ONNX bytes + external data, TensorRT
-version, plugin, GPU, every engine-affecting setting); 3. reuse a cached engine with the same key;
-4. otherwise register the plugin (or refuse when ``use_plugin=False`` but it is registered), parse
-the ONNX into a strongly typed network, build with the manifest's min/opt/max profile and the timing
-cache; 5. write the engine atomically and its metadata JSON beside it.
+version, plugin, GPU, the plugin's code: kernel and registration sources and the Triton version, every
+engine-affecting setting); 3. reuse a cached engine with the same key; 4. otherwise register the plugin
+(or refuse when ``use_plugin=False`` but it is registered), parse the ONNX into a strongly typed network
+(a plugin build parses a temporary copy without the fused op's function body, so the parser can only
+take the plugin), check its plugin-layer count, build with the manifest's min/opt/max profile and the
+timing cache, and check the built engine's plugin-layer count with TensorRT's engine inspector
+(:mod:`engines.plugins.binding`); 5. write the engine atomically and its metadata JSON beside it.
 
 Strongly typed always: TensorRT 11 has no FP16/BF16 builder flags, so a half-precision engine comes from
 a half-precision ONNX (``apt-deploy export --dtype fp16|bf16``). tensorrt is imported lazily.
@@ -13,6 +16,7 @@ a half-precision ONNX (``apt-deploy export --dtype fp16|bf16``). tensorrt is imp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +34,7 @@ from apt_deploy.settings import EngineSettings
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16")
 METADATA_SUFFIX = ".json"
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2
 
 
 def default_engine_path(artifact_dir: str | Path, precision: str, use_plugin: bool = True) -> Path:
@@ -66,8 +70,9 @@ def check_precision(precision: str, manifest: dict[str, Any]) -> None:
 
 
 def engine_cache_key(files: list[Path], settings: EngineSettings, trt_version: str, device: dict[str, Any],
-                     plugin: dict[str, Any] | None, kernel_sha256: str | None) -> str:
-    """sha256 over the ONNX bytes (+ external data), TensorRT version, GPU, plugin and settings."""
+                     plugin: dict[str, Any] | None, plugin_code: dict[str, Any] | None) -> str:
+    """sha256 over the ONNX bytes (+ external data), TensorRT version, GPU, plugin, the plugin's code
+    (:func:`plugin_code_identity`) and settings."""
     h = hashlib.sha256()
     for path in files:
         h.update(path.name.encode() + b"\0")
@@ -75,16 +80,29 @@ def engine_cache_key(files: list[Path], settings: EngineSettings, trt_version: s
             while block := f.read(1 << 20):
                 h.update(block)
     meta = {"key_schema": KEY_SCHEMA, "tensorrt": trt_version, "device": device, "plugin": plugin,
-            "kernel_sha256": kernel_sha256, "settings": settings.to_json()}
+            "plugin_code": plugin_code, "settings": settings.to_json()}
     h.update(json.dumps(meta, sort_keys=True, default=list).encode())
     return h.hexdigest()
 
 
-def kernel_sha256() -> str:
-    """sha256 of the Triton kernel's source file (a kernel change rebuilds plugin engines)."""
+def plugin_code_identity() -> dict[str, str]:
+    """What compiled the code inside a plugin engine: sha256 of the Triton kernel's source, of the plugin
+    registration source (``engines/plugins/apt_plugin.py``: descriptor, tactics, launch parameters) and of
+    the binding check, plus the Triton version that compiled the kernel. Any change rebuilds plugin engines."""
     from engines.kernels.triton_apd import source_path
+    from engines.plugins import apt_plugin, binding
 
-    return sha256_file(source_path())
+    return {"kernel_sha256": sha256_file(source_path()), "plugin_sha256": sha256_file(apt_plugin.__file__),
+            "binding_sha256": sha256_file(binding.__file__), "triton": _triton_version()}
+
+
+def _triton_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def device_info() -> dict[str, Any]:
@@ -112,15 +130,15 @@ def build_engine(artifact_dir: str | Path, precision: str = "fp32", use_plugin: 
                               profiles_from_manifest(manifest))
     settings, plugin = _prepare_plugin(settings)                                        # 2 (+ 4: registration)
     files, device = onnx_files(artifact, manifest), device_info()
-    key = engine_cache_key(files, settings, trt.__version__, device, plugin, kernel_sha256() if use_plugin else None)
+    key = engine_cache_key(files, settings, trt.__version__, device, plugin, plugin_code_identity() if use_plugin else None)
     if not force and _cached(engine_path, key):                                         # 3
         log.info("engine cache hit: %s (key %s...)", engine_path, key[:12])
         return engine_path
     with timed_step(f"build TensorRT engine {engine_path.name} ({precision}, plugin={plugin and plugin['mode']})", log) as t:
-        engine_bytes = _build(files[0], settings, timing_cache)                         # 4
+        engine_bytes, layers = _build(files, settings, timing_cache, expected_plugin_layers(manifest))   # 4
     write_bytes_atomic(engine_path, engine_bytes)                                       # 5
-    write_json_atomic(metadata_path(engine_path), _metadata(key, settings, plugin, device, manifest, t["seconds"],
-                                                            engine_bytes))
+    meta = _metadata(key, settings, plugin, device, manifest, t["seconds"], engine_bytes)
+    write_json_atomic(metadata_path(engine_path), {**meta, "plugin_layers": layers})
     log.info("wrote %s (%.1f MB) and %s", engine_path, len(engine_bytes) / 2**20, metadata_path(engine_path).name)
     return engine_path
 
@@ -148,20 +166,58 @@ def _cached(engine_path: Path, key: str) -> bool:
         return False
 
 
-def _build(onnx_path: Path, settings: EngineSettings, timing_cache: str | Path | None) -> bytes:
-    """Polygraphy: NetworkFromOnnxPath (strongly typed) -> CreateConfig (profile, cache) -> engine bytes."""
+def expected_plugin_layers(manifest: dict[str, Any]) -> int:
+    """The manifest's fused-node count (what a plugin engine must hold as plugin layers)."""
+    count = (manifest.get("fused_op") or {}).get("count")
+    if not isinstance(count, int):
+        raise ConfigError("a manifest without fused_op.count", "the fused-node count apt-deploy export records",
+                          "re-export the artifact")
+    return count
+
+
+def _build(files: list[Path], settings: EngineSettings, timing_cache: str | Path | None,
+           fused_nodes: int) -> tuple[bytes, int]:
+    """Parse (plugin builds: the function-free copy), check the network's plugin layers, build, check the
+    engine's plugin layers; returns the engine bytes and its plugin-layer count."""
+    from engines.plugins.binding import plugin_only_onnx
+
+    expected = fused_nodes if settings.use_plugin else 0
+    with (plugin_only_onnx(files) if settings.use_plugin else contextlib.nullcontext(files[0])) as onnx_path:
+        engine_bytes = _build_network(onnx_path, settings, timing_cache, expected)
+    return engine_bytes, _check_engine_plugin_layers(engine_bytes, expected, settings.use_plugin)
+
+
+def _build_network(onnx_path: Path, settings: EngineSettings, timing_cache: str | Path | None, expected: int) -> bytes:
+    """Polygraphy: NetworkFromOnnxPath (strongly typed) -> CreateConfig (profile, cache, DETAILED layer info) -> bytes."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    from engines.plugins.binding import check_plugin_layers, count_network_plugin_layers
+
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()  # (builder, network, parser)
+    check_plugin_layers(count_network_plugin_layers(network[1]), expected, "the parsed network", settings.use_plugin)
     profile = Profile()
     for name, low, opt, high in settings.profiles:
         profile.add(name, min=low, opt=opt, max=high)
     pools = {trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes} if settings.workspace_bytes else None
     cache = str(timing_cache) if timing_cache else None
     config = CreateConfig(profiles=[profile], tf32=settings.tf32, memory_pool_limits=pools, load_timing_cache=cache,
-                          builder_optimization_level=settings.builder_optimization_level)
+                          builder_optimization_level=settings.builder_optimization_level,
+                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
     return bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)())
+
+
+def _check_engine_plugin_layers(engine_bytes: bytes, expected: int, use_plugin: bool) -> int:
+    """Deserialize the built engine and count its plugin layers with TensorRT's engine inspector."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import EngineFromBytes
+
+    from engines.plugins.binding import check_plugin_layers, count_plugin_layers
+
+    engine = EngineFromBytes(engine_bytes)()
+    found = count_plugin_layers(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    check_plugin_layers(found, expected, "the built engine", use_plugin)
+    return found
 
 
 def _metadata(key: str, settings: EngineSettings, plugin: dict[str, Any] | None, device: dict[str, Any],

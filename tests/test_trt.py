@@ -74,6 +74,9 @@ def test_plugin_mode_errors(mode, version, aot, match):
 
 # --- engine cache key ---------------------------------------------------------------------------------
 
+CODE = {"kernel_sha256": "k", "plugin_sha256": "p", "binding_sha256": "b", "triton": "3.9.0"}
+
+
 def _key_inputs(tmp_path: Path):
     (tmp_path / "model.onnx").write_bytes(b"onnx-graph")
     (tmp_path / "model.onnx.data").write_bytes(b"weights")
@@ -88,7 +91,7 @@ CHANGED = {"precision": "fp16", "use_plugin": False, "plugin_mode": "jit", "work
 
 def test_cache_key_is_stable(tmp_path):
     files, settings, trt, device, plugin = _key_inputs(tmp_path)
-    assert engine_cache_key(files, settings, trt, device, plugin, "k") == engine_cache_key(files, settings, trt, device, plugin, "k")
+    assert engine_cache_key(files, settings, trt, device, plugin, CODE) == engine_cache_key(files, settings, trt, device, plugin, dict(CODE))
 
 
 def test_every_engine_setting_is_in_the_test():
@@ -98,15 +101,17 @@ def test_every_engine_setting_is_in_the_test():
 @pytest.mark.parametrize("field", sorted(CHANGED))
 def test_cache_key_changes_with_each_setting(tmp_path, field):
     files, settings, trt, device, plugin = _key_inputs(tmp_path)
-    base = engine_cache_key(files, settings, trt, device, plugin, "k")
-    assert engine_cache_key(files, dataclasses.replace(settings, **{field: CHANGED[field]}), trt, device, plugin, "k") != base
+    base = engine_cache_key(files, settings, trt, device, plugin, CODE)
+    assert engine_cache_key(files, dataclasses.replace(settings, **{field: CHANGED[field]}), trt, device, plugin, CODE) != base
 
 
-@pytest.mark.parametrize("what", ["onnx", "external_data", "tensorrt", "device", "plugin", "kernel"])
+@pytest.mark.parametrize("what", ["onnx", "external_data", "tensorrt", "device", "plugin", *sorted(CODE)])
 def test_cache_key_changes_with_inputs(tmp_path, what):
+    """Each input changes the key: the kernel source, the plugin registration source, the binding check and
+    the Triton version that compiles the kernel included."""
     files, settings, trt, device, plugin = _key_inputs(tmp_path)
-    base = engine_cache_key(files, settings, trt, device, plugin, "k")
-    kernel = "k"
+    base = engine_cache_key(files, settings, trt, device, plugin, CODE)
+    code = dict(CODE)
     if what == "onnx":
         files[0].write_bytes(b"onnx-graph2")
     elif what == "external_data":
@@ -118,8 +123,86 @@ def test_cache_key_changes_with_inputs(tmp_path, what):
     elif what == "plugin":
         plugin = {**plugin, "mode": "jit"}
     else:
-        kernel = "k2"
-    assert engine_cache_key(files, settings, trt, device, plugin, kernel) != base
+        code[what] = code[what] + "2"
+    assert engine_cache_key(files, settings, trt, device, plugin, code) != base
+
+
+def test_plugin_code_identity_hashes_the_sources_and_triton_version():
+    import importlib.metadata
+
+    from apt_deploy.fileio import sha256_file
+    from engines.kernels import triton_apd
+    from engines.plugins import binding
+    from engines.trt_build import plugin_code_identity
+
+    code = plugin_code_identity()
+    assert code == {"kernel_sha256": sha256_file(triton_apd.__file__), "plugin_sha256": sha256_file(apt_plugin.__file__),
+                    "binding_sha256": sha256_file(binding.__file__),
+                    "triton": importlib.metadata.version("triton") if has("triton") else "none"}
+    assert len(set(code.values())) == len(code)
+
+
+# --- the plugin build parses no function body; plugin layers are counted ---------------------------
+
+def test_plugin_build_parses_the_model_without_the_function_body(apt_artifact):
+    """On a real exported artifact: the temporary model has no apt FunctionProto, keeps every fused node
+    and its initializers, and the artifact itself is unchanged."""
+    from apt_deploy.manifest import onnx_files, read_manifest
+    from engines.plugins.binding import fused_node_count, plugin_only_onnx
+
+    manifest = read_manifest(apt_artifact)
+    files = onnx_files(apt_artifact, manifest)
+    before = files[0].read_bytes()
+    with plugin_only_onnx(files) as path:
+        assert path.parent != apt_artifact
+        stripped = onnx.load(str(path))  # external data (if any) resolves through the links beside it
+        assert not [f for f in stripped.functions if f.domain == SPEC.domain]
+        assert fused_node_count(stripped) == manifest["fused_op"]["count"] > 0
+        original = onnx.load(str(files[0]))
+        assert [n.name for n in stripped.graph.node] == [n.name for n in original.graph.node]
+        assert {i.name for i in stripped.graph.initializer} == {i.name for i in original.graph.initializer}
+    assert not path.exists()
+    assert files[0].read_bytes() == before
+    assert any(f.domain == SPEC.domain for f in onnx.load(str(files[0]), load_external_data=False).functions)
+
+
+def _inspector_json(layer_types):
+    """Text in the documented shape of IEngineInspector.get_engine_information(LayerInformationFormat.JSON) for a
+    DETAILED engine. A unit test of our parser only: no TensorRT ran here."""
+    import json
+
+    layers = [{"Name": f"layer{i}", "LayerType": t, "Inputs": [], "Outputs": []} for i, t in enumerate(layer_types)]
+    return json.dumps({"Layers": layers, "Bindings": ["input_ids", "logits"]})
+
+
+def test_plugin_layers_are_counted_from_inspector_json():
+    from engines.plugins.binding import count_plugin_layers
+
+    assert count_plugin_layers(_inspector_json(["Myelin", "PluginV3", "Reformat", "PluginV3", "PluginV2"])) == 3
+    assert count_plugin_layers(_inspector_json(["Myelin", "CaskGemm"])) == 0
+    with pytest.raises(ConfigError, match="DETAILED"):
+        count_plugin_layers('{"Layers": ["layer0", "layer1"], "Bindings": []}')
+    with pytest.raises(ConfigError, match="Layers"):
+        count_plugin_layers('{"Bindings": []}')
+
+
+def test_an_engine_with_the_wrong_plugin_count_is_refused():
+    from engines.plugins.binding import check_plugin_layers
+
+    check_plugin_layers(2, 2, "the built engine", use_plugin=True)
+    check_plugin_layers(0, 0, "the built engine", use_plugin=False)
+    with pytest.raises(ConfigError, match="0 APT plugin layer.*2 fused node"):
+        check_plugin_layers(0, 2, "the built engine", use_plugin=True)
+    with pytest.raises(ConfigError, match="--no-plugin build has 1 plugin"):
+        check_plugin_layers(1, 0, "the built engine", use_plugin=False)
+
+
+def test_expected_plugin_layers_come_from_the_manifest():
+    from engines.trt_build import expected_plugin_layers
+
+    assert expected_plugin_layers({"fused_op": {"count": 12}}) == 12
+    with pytest.raises(ConfigError, match="fused_op.count"):
+        expected_plugin_layers({})
 
 
 # --- precision, compatibility ----------------------------------------------------------------------
@@ -214,13 +297,17 @@ def _feeds(artifact: Path):
 
 @needs_trt
 def test_plugin_engine_matches_onnxruntime(apt_artifact, tmp_path):
+    import json
+
+    from apt_deploy.manifest import read_manifest
     from apt_deploy.settings import tolerance
     from engines.compare import assert_close
     from engines.trt_build import build_engine, metadata_path
     from engines.trt_runner import TensorRTRunner
 
     engine = build_engine(apt_artifact, "fp32", out=tmp_path / "e.plan", timing_cache=tmp_path / "t.cache")
-    assert metadata_path(engine).is_file()
+    meta = json.loads(metadata_path(engine).read_text())
+    assert meta["plugin_layers"] == read_manifest(apt_artifact)["fused_op"]["count"] > 0  # engine inspector count
     feed, expected = _feeds(apt_artifact)
     with TensorRTRunner(engine) as trt_runner:
         assert_close(expected, trt_runner.infer(feed), tolerance("onnxruntime_vs_torch"), "TensorRT (plugin) vs ORT")
@@ -230,7 +317,10 @@ def test_plugin_engine_matches_onnxruntime(apt_artifact, tmp_path):
 
 @needs_trt
 def test_no_plugin_engine_builds_in_a_fresh_process(apt_artifact, tmp_path):
+    import json
+
     proc = subprocess.run([sys.executable, "-m", "apt_deploy", "build", str(apt_artifact), "--no-plugin",
                            "--out", str(tmp_path / "np.plan")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "np.plan").is_file()
+    assert json.loads((tmp_path / "np.plan.json").read_text())["plugin_layers"] == 0  # the function body ran
