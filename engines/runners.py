@@ -84,13 +84,14 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         t0 = time.perf_counter()
-        self._session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
-        got = self._session.get_providers()
+        session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
+        got = session.get_providers()
         if got[0] != self.providers[0]:
             raise ConfigError(f"ONNX Runtime fell back to {got} instead of {list(self.providers)}",
                               f"the provider {self.providers[0]} to be usable", "install the matching onnxruntime build")
-        self._input_names = [i.name for i in self._session.get_inputs()]
-        self._output_names = [o.name for o in self._session.get_outputs()]
+        self._input_names = [i.name for i in session.get_inputs()]
+        self._output_names = [o.name for o in session.get_outputs()]
+        self._session = session  # active only once every check passed (a failed activation leaves it None)
         log.info("ONNX Runtime session for %s in %.2f s (%s)", self.model_path.name, time.perf_counter() - t0, got[0])
 
     def deactivate(self) -> None:

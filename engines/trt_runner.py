@@ -72,10 +72,15 @@ class TensorRTRunner(Runner):
             from engines.plugins import load
 
             load("jit")  # a JIT plugin's Python callback must be registered before deserialization
-        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.engine_path))), name=self.name)
-        self._runner.activate()
-        engine = self._runner.engine
-        self._inputs = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in _io_names(engine, trt.TensorIOMode.INPUT)}
+        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.engine_path))), name=self.name)
+        runner.activate()
+        try:
+            engine = runner.engine
+            inputs = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in _io_names(engine, trt.TensorIOMode.INPUT)}
+        except BaseException:
+            runner.deactivate()  # release the engine and context of a half-finished activation
+            raise
+        self._runner, self._inputs = runner, inputs  # active only after everything succeeded
         log.info("TensorRT engine %s loaded (inputs %s)", self.engine_path.name, list(self._inputs))
 
     def deactivate(self) -> None:

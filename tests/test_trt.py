@@ -324,3 +324,47 @@ def test_no_plugin_engine_builds_in_a_fresh_process(apt_artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "np.plan").is_file()
     assert json.loads((tmp_path / "np.plan.json").read_text())["plugin_layers"] == 0  # the function body ran
+
+
+# --- a failed activation leaves a runner inactive -----------------------------------------------------
+
+def test_onnxruntime_runner_with_a_failed_activation_is_not_active(apt_artifact):
+    """The CPU build of ONNX Runtime falls back from CUDA to CPU; the runner refuses that, and must not keep
+    the fallback session (a later infer would otherwise run on the wrong provider)."""
+    from engines.runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(apt_artifact / "model.onnx", providers=("CUDAExecutionProvider",))
+    if has("cuda"):
+        pytest.skip("this machine has CUDA; the fallback does not happen")
+    for _ in range(2):  # the second try fails the same way instead of reusing a half-made session
+        with pytest.raises(ConfigError, match="fell back"):
+            runner.activate()
+        assert runner._session is None
+
+
+@pytest.mark.skipif(has("cuda"), reason="needs a machine without CUDA for the move to fail")
+def test_torch_cuda_runner_with_a_failed_activation_is_not_active(apt_artifact, monkeypatch):
+    """The model loads, then moving it to CUDA fails (CPU-only torch): nothing of the half-done activation is kept.
+    The CUDA availability check is bypassed so that the failure happens after load_model, as an out-of-memory would."""
+    import torch
+
+    from engines.kernels import torch_cuda
+
+    monkeypatch.setattr(torch_cuda, "require", lambda *a: None)
+    loads = []
+    runner = torch_cuda.TorchCudaRunner(apt_artifact, load_model=lambda: loads.append(1) or torch.nn.Linear(2, 2),
+                                        mode="eager", use_triton=False)
+    for attempt in (1, 2):
+        with pytest.raises((AssertionError, RuntimeError)):
+            runner.activate()
+        assert runner._module is None and not hasattr(runner, "manifest") and len(loads) == attempt
+
+
+@pytest.mark.skipif(has("tensorrt"), reason="tensorrt is installed here")
+def test_trt_runner_with_a_failed_activation_is_not_active(tmp_path):
+    from engines.trt_runner import TensorRTRunner
+
+    runner = TensorRTRunner(tmp_path / "missing.plan")
+    with pytest.raises(MissingDependencyError):
+        runner.activate()
+    assert runner._runner is None

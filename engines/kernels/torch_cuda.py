@@ -73,16 +73,27 @@ class TorchCudaRunner(Runner):
         self._load()
 
     def _load(self) -> None:
+        """Load and move the model; state is set only after every step succeeded, and a model already moved
+        to the GPU is released when a later step fails (a failed activation leaves the runner inactive)."""
         import torch
 
         from apt_deploy.manifest import read_manifest
 
-        self.manifest = read_manifest(self.artifact_dir)
-        self.output_names = [o["name"] for o in self.manifest["outputs"]]
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest["dtype"]]
-        module = self.load_model().to(device="cuda", dtype=self.dtype).eval()
-        self._module = torch.compile(module, mode="max-autotune-no-cudagraphs") if self.mode == "compile" else module
-        self.input_names = [i["name"] for i in self.manifest["inputs"]]
+        manifest = read_manifest(self.artifact_dir)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+        module = None
+        try:
+            module = self.load_model().to(device="cuda", dtype=dtype).eval()
+            compiled = torch.compile(module, mode="max-autotune-no-cudagraphs") if self.mode == "compile" else module
+        except BaseException:
+            del module
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        self.manifest, self.dtype = manifest, dtype
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        self._module = compiled
 
     def deactivate(self) -> None:
         self._module, self._graphs = None, {}
