@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,37 @@ class ReferenceModule(nn.Module):
         if isinstance(out, (tuple, list)):
             return list(out)
         return [getattr(out, n) for n in self.output_names]
+
+    def capture_context(self) -> contextlib.AbstractContextManager[None]:
+        """Wrap CUDA-graph warm-up and capture in this: :func:`static_attention_masks`."""
+        return static_attention_masks()
+
+
+@contextlib.contextmanager
+def static_attention_masks() -> Iterator[None]:
+    """Attention masks built without looking at the data, so a forward has no host synchronisation.
+
+    transformers' mask builders skip the padding mask when no token is padded (``padding_mask.all()``:
+    a device-to-host sync, which a CUDA-graph capture refuses, and a branch a graph would freeze: a graph
+    captured on unpadded inputs would ignore padding at replay). Inside this context the mask is always
+    built from the input tensors, as in the exported ONNX. Patches ``transformers.masking_utils`` for the
+    duration (process-wide: hold the runner's lock while capturing).
+    """
+    import transformers.masking_utils as masking
+
+    names = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")
+    saved = {name: getattr(masking, name) for name in names}
+    for name in names:
+        setattr(masking, name, _never_skip_mask)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(masking, name, fn)
+
+
+def _never_skip_mask(*args: Any, **kwargs: Any) -> bool:
+    return False
 
 
 def load_reference_module(manifest: dict[str, Any], model_dir: str | None = None,

@@ -104,7 +104,7 @@ class TorchCudaRunner(Runner):
         if self.mode == "graphs":
             key = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in inputs.items())
             if key not in self._graphs:
-                self._graphs[key] = _CapturedGraph(self._forward, inputs)
+                self._graphs[key] = _CapturedGraph(self._forward, inputs, self._capture_context())
             outputs = self._graphs[key].replay(inputs)
         else:
             outputs = self._forward(inputs)
@@ -114,6 +114,16 @@ class TorchCudaRunner(Runner):
         import torch
 
         torch.cuda.synchronize()
+
+    def _capture_context(self) -> Any:
+        """The model's context for a sync-free forward (ReferenceModule.capture_context: attention masks built
+        without data-dependent branches); a module without one cannot be captured safely."""
+        hook = getattr(self._module, "capture_context", None)
+        if hook is None:
+            raise ConfigError(f"a load_model module ({type(self._module).__name__}) without capture_context()",
+                              "a module whose forward has no host synchronisation (apt_deploy.pipeline.ReferenceModule)",
+                              "pass load_model=apt_deploy.pipeline.load_reference_module(...), or use mode='eager'/'compile'")
+        return hook()
 
     def _to_device(self, feed: Feed) -> dict[str, Any]:
         import torch
@@ -134,21 +144,23 @@ class TorchCudaRunner(Runner):
 
 
 class _CapturedGraph:
-    """One CUDA graph over static input/output buffers (warm-up on a side stream, then capture)."""
+    """One CUDA graph over static input/output buffers (warm-up on a side stream, then capture), both inside
+    the model's capture context so that no host synchronisation or data-dependent branch is captured."""
 
-    def __init__(self, forward: Any, inputs: dict[str, Any]) -> None:
+    def __init__(self, forward: Any, inputs: dict[str, Any], capture_context: Any) -> None:
         import torch
 
         self.static_inputs = {n: t.clone() for n, t in inputs.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward(self.static_inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_outputs = forward(self.static_inputs)
+        with capture_context:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    forward(self.static_inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = forward(self.static_inputs)
         log.info("captured a CUDA graph for shapes %s", {n: tuple(t.shape) for n, t in inputs.items()})
 
     def replay(self, inputs: dict[str, Any]) -> list[Any]:
