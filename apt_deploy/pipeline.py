@@ -84,9 +84,9 @@ def static_attention_masks() -> Iterator[None]:
     """
     import transformers.masking_utils as masking
 
-    names = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")
-    saved = {name: getattr(masking, name) for name in names}
-    for name in names:
+    names = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")  # transformers 5.x
+    saved = {name: getattr(masking, name) for name in names if hasattr(masking, name)}
+    for name in saved:
         setattr(masking, name, _never_skip_mask)
     try:
         yield

@@ -62,7 +62,7 @@ class TorchCudaRunner(Runner):
         self.artifact_dir, self.mode, self.use_triton, self.load_model = Path(artifact_dir), mode, use_triton, load_model
         self.name = f"torch-cuda[{mode}{',triton' if use_triton else ''}]"
         self._module: Any = None
-        self._graphs: dict[tuple, _CapturedGraph] = {}
+        self._graphs: dict[tuple, CapturedGraph] = {}
 
     def activate(self) -> None:
         if self._module is not None:
@@ -104,7 +104,7 @@ class TorchCudaRunner(Runner):
         if self.mode == "graphs":
             key = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in inputs.items())
             if key not in self._graphs:
-                self._graphs[key] = _CapturedGraph(self._forward, inputs, self._capture_context())
+                self._graphs[key] = CapturedGraph(self._forward, inputs, self._capture_context())
             outputs = self._graphs[key].replay(inputs)
         else:
             outputs = self._forward(inputs)
@@ -143,7 +143,7 @@ class TorchCudaRunner(Runner):
             return list(self._module(**inputs))
 
 
-class _CapturedGraph:
+class CapturedGraph:
     """One CUDA graph over static input/output buffers (warm-up on a side stream, then capture), both inside
     the model's capture context so that no host synchronisation or data-dependent branch is captured."""
 

@@ -114,9 +114,9 @@ CONFIGS: tuple[KernelConfig, ...] = (
     KernelConfig(64, 128, 32, num_warps=8, num_stages=2),   # half precision, many rows
     KernelConfig(32, 128, 32, num_warps=4, num_stages=2),   # half precision, fewer rows (more programs)
     KernelConfig(32, 64, 32, num_warps=4, num_stages=1),    # fp32 (IEEE dots, register heavy)
-    KernelConfig(16, 64, 32, num_warps=4, num_stages=1),    # tiny batches (n = 1 decoding-like calls)
+    KernelConfig(16, 64, 32, num_warps=4, num_stages=1),    # up to a few thousand rows: more programs
 )
-MANY_ROWS = 8192  # 64-row tiles only when there are enough of them to fill a large GPU (one program per tile)
+MANY_ROWS, FEW_ROWS = 8192, 4096  # rows from which 64- / 32-row tiles still give >= ~128 programs
 
 
 def source_path() -> Path:
@@ -125,13 +125,16 @@ def source_path() -> Path:
 
 
 def pick_config(m: int, dtype: str, p: int) -> KernelConfig:
-    """Heuristic variant for a launch with ``m`` rows and ``p`` prompts (torch path, JIT tactic outside the table)."""
-    if m <= 16:
-        base = CONFIGS[3]
-    elif dtype == "float32":
-        base = CONFIGS[2]
+    """Heuristic variant for a launch with ``m`` rows and ``p`` prompts (torch path, JIT tactic outside the table).
+
+    One program per row tile, so rows decide the parallelism: 64-row tiles only from MANY_ROWS rows, 32-row
+    tiles from FEW_ROWS, else 16-row tiles so that even ~2k rows give a large GPU ~128 programs."""
+    if m >= MANY_ROWS and dtype != "float32":
+        base = CONFIGS[0]
+    elif m >= FEW_ROWS:
+        base = CONFIGS[2] if dtype == "float32" else CONFIGS[1]
     else:
-        base = CONFIGS[0] if m >= MANY_ROWS else CONFIGS[1]
+        base = CONFIGS[3]
     return base.fit(p, dtype)
 
 
