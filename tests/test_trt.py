@@ -146,15 +146,15 @@ def test_plugin_code_identity_hashes_the_sources_and_triton_version():
 
 def test_plugin_build_parses_the_model_without_the_function_body(apt_artifact):
     """On a real exported artifact: the temporary model has no apt FunctionProto, keeps every fused node
-    and its initializers, and the artifact itself is unchanged."""
+    and its initializers, is removed afterwards, and the artifact's files are unchanged."""
     from apt_deploy.manifest import onnx_files, read_manifest
     from engines.plugins.binding import fused_node_count, plugin_only_onnx
 
     manifest = read_manifest(apt_artifact)
     files = onnx_files(apt_artifact, manifest)
-    before = files[0].read_bytes()
+    before, listing = files[0].read_bytes(), list(apt_artifact.iterdir())
     with plugin_only_onnx(files) as path:
-        assert path.parent != apt_artifact
+        assert path.parent == apt_artifact and path.name.startswith(".") and path != files[0]
         stripped = onnx.load(str(path))  # external data (if any) resolves through the links beside it
         assert not [f for f in stripped.functions if f.domain == SPEC.domain]
         assert fused_node_count(stripped) == manifest["fused_op"]["count"] > 0
@@ -162,8 +162,29 @@ def test_plugin_build_parses_the_model_without_the_function_body(apt_artifact):
         assert [n.name for n in stripped.graph.node] == [n.name for n in original.graph.node]
         assert {i.name for i in stripped.graph.initializer} == {i.name for i in original.graph.initializer}
     assert not path.exists()
-    assert files[0].read_bytes() == before
+    assert files[0].read_bytes() == before and sorted(apt_artifact.iterdir()) == sorted(listing)
     assert any(f.domain == SPEC.domain for f in onnx.load(str(files[0]), load_external_data=False).functions)
+
+
+def test_plugin_build_copy_finds_external_data(apt_artifact, tmp_path):
+    """With weights in an external data file, the stripped copy (beside model.onnx) reads the same weights."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from engines.plugins.binding import plugin_only_onnx
+
+    model = onnx.load(str(apt_artifact / "model.onnx"))
+    expected = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    with plugin_only_onnx([tmp_path / "model.onnx", tmp_path / "model.onnx.data"]) as path:
+        stripped = onnx.load(str(path))
+    assert len(expected) == len(stripped.graph.initializer) > 0
+    for a, b in zip(expected, stripped.graph.initializer):
+        np.testing.assert_array_equal(a, numpy_helper.to_array(b))
+    with pytest.raises(Exception, match="does not list"):
+        with plugin_only_onnx([tmp_path / "model.onnx"]):
+            pass
 
 
 def _inspector_json(layer_types):

@@ -135,8 +135,8 @@ def _aot_impl(trtp: Any) -> Any:
         compiled = triton_apd.compile_for_aot(dtype, config)  # PTX ISA AOT_PTX_VERSION: loadable by CUDA 12 drivers
         rows, d, p = _rows_expr(x_in.shape_expr), x_in.shape_expr[len(x_in.shape_expr) - 1], K.shape_expr[0]
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(rows, config.block_m)  # one program per row tile (it owns all d columns)
-        launch.grid_y = 1
+        launch.grid_x = trtp.cdiv(rows, config.block_m)  # one program per row tile (it owns all d columns);
+        # grid_y / grid_z keep their default 1: the kernel's grid is one-dimensional
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (rows, p, d)])  # M, P, D in kernel order

@@ -3,8 +3,8 @@
 TensorRT's ONNX parser may import a node through a model-local function of the same domain/name
 instead of a registered plugin (the order changed across 10.x releases; see docs/tensorrt.md). So a
 plugin build parses a copy of the model WITHOUT the fused op's FunctionProto
-(:func:`plugin_only_onnx`: a temporary directory holding the stripped ``model.onnx`` and links to the
-artifact's external data; the artifact is never modified), where the plugin is the only way to import
+(:func:`plugin_only_onnx`: a hidden temporary file beside ``model.onnx``, removed after parsing; the
+artifact's files are never modified), where the plugin is the only way to import
 the node. Then the plugin layers are counted twice and must equal the manifest's fused-node count:
 in the parsed network (:func:`count_network_plugin_layers`) and in the built engine, from TensorRT's
 engine inspector JSON (:func:`count_plugin_layers`). A ``--no-plugin`` build keeps the function body and
@@ -49,26 +49,31 @@ def fused_node_count(model: Any) -> int:
 
 @contextlib.contextmanager
 def plugin_only_onnx(files: list[Path]) -> Iterator[Path]:
-    """A temporary ``model.onnx`` without the fused op's function body, beside links to the artifact's external
-    data files (``files`` = [model.onnx, external data...] as the manifest lists them). Yields its path."""
+    """A temporary copy of ``model.onnx`` without the fused op's function body (``files`` = [model.onnx,
+    external data...] as the manifest lists them). Yields its path: a hidden file beside ``model.onnx``, so
+    the external data's relative locations resolve to the artifact's own files (links are refused by onnx's
+    loader, copies of gigabytes are slow); it is removed afterwards and the artifact's files are not modified."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     model = onnx.load(str(files[0]), load_external_data=False)
+    listed = {f.name for f in files[1:]}
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and ExternalDataInfo(tensor).location not in listed:
+            raise ExportError(f"initializer {tensor.name!r} lives in {ExternalDataInfo(tensor).location!r}, which the "
+                              "manifest does not list", "every external data file listed in manifest.json",
+                              "re-export the artifact")
     removed = strip_fused_functions(model)
     log.info("plugin build: parsing %s without its %d fused-op function(s), %d fused node(s) kept",
              files[0].name, removed, fused_node_count(model))
-    with tempfile.TemporaryDirectory(prefix="apt-plugin-onnx-") as tmp:
-        for data in files[1:]:
-            os.symlink(data.resolve(), Path(tmp) / data.name)
-        for tensor in model.graph.initializer:
-            if uses_external_data(tensor) and not (Path(tmp) / ExternalDataInfo(tensor).location).is_file():
-                raise ExportError(f"initializer {tensor.name!r} lives in {ExternalDataInfo(tensor).location!r}, which the "
-                                  "manifest does not list", "every external data file listed in manifest.json",
-                                  "re-export the artifact")
-        path = Path(tmp) / files[0].name
+    fd, name = tempfile.mkstemp(prefix=".apt-plugin-", suffix=".onnx", dir=files[0].parent)
+    os.close(fd)
+    path = Path(name)
+    try:
         onnx.save(model, str(path))
         yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def count_plugin_layers(engine_info_json: str) -> int:
