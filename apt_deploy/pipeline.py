@@ -50,6 +50,7 @@ class ReferenceModule(nn.Module):
     def __init__(self, folded: nn.Module, output_names: list[str]) -> None:
         super().__init__()
         from apt_deploy.backbones import spec_for_model
+        from apt_deploy.ops import torch_op  # noqa: F401  (defines the custom op before a runner registers kernels on it)
 
         self.spec = spec_for_model(folded)
         self.folded, self.module, self.output_names = folded, self.spec.export_module(folded), output_names

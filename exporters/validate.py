@@ -137,40 +137,6 @@ def _report(which: str, diffs: list[OutputDiff]) -> dict[str, Any]:
                                           "shape": list(d.shape)} for d in diffs]}
 
 
-def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prompts_dir: str | None = None,
-                    backend: str = "onnxruntime", seed: int | None = None) -> dict[str, Any]:
-    """Re-run the export's parity checks from the artifact directory and its manifest alone
-    (plus the source model/prompt directories for the PyTorch side)."""
-    from apt_deploy.backbones import get_backbone
-    from apt_deploy.manifest import read_manifest
-    from apt_deploy.pipeline import load_folded_from_manifest
-    from engines.runners import make_runner
-
-    directory = Path(artifact_dir)
-    manifest = read_manifest(directory)
-    onnx_path = directory / manifest["files"]["model"]
-    report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
-    if backend == "onnxruntime" and manifest["dtype"] in ORT_CPU_UNSUPPORTED:
-        from apt_deploy.errors import ConfigError
-
-        raise ConfigError(f"a {manifest['dtype']} artifact cannot run on ONNX Runtime CPU",
-                          "a backend with bfloat16 kernels", ORT_CPU_UNSUPPORTED[manifest["dtype"]])
-    from apt_deploy.pipeline import load_reference_module
-
-    runner = make_runner(backend, directory, load_model=lambda: load_reference_module(manifest, model_dir, prompts_dir))
-    runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before the PyTorch model is loaded
-    report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
-    folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
-    spec = get_backbone(manifest["backbone"])
-    specs = [InputSpec(i["name"], i["dtype"], tuple(i["axes"]), tuple(i["min_shape"]), tuple(i["opt_shape"]),
-                       tuple(i["max_shape"])) for i in manifest["inputs"]]
-    seed = manifest["export_settings"]["seed"] if seed is None else seed
-    with runner:
-        report[f"{backend}_vs_torch"] = runtime_vs_torch(runner, spec.export_module(folded), spec, folded, specs,
-                                                         manifest["dtype"], seed)
-    return report
-
-
 def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The ONNX files still hash to what the manifest recorded, and the checker accepts the model."""
     from apt_deploy.errors import CheckpointError
