@@ -148,7 +148,11 @@ def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]
         if sha256_file(path) != manifest["sha256"][key]:
             raise CheckpointError(f"{path.name} does not match the sha256 recorded in manifest.json (modified or truncated)",
                                   f"sha256 {manifest['sha256'][key][:16]}...", "re-export the artifact")
-    onnx.checker.check_model(str(paths[0]), full_check=True)
+    try:
+        onnx.checker.check_model(str(paths[0]), full_check=True)
+    except Exception as e:  # onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, ...
+        raise CheckpointError(f"the ONNX checker rejects {paths[0].name}: {type(e).__name__}: {str(e)[:800]}",
+                              "a valid ONNX model as written by apt-deploy export", "re-export the artifact") from e
     return {"sha256": "ok", "onnx_checker": "ok"}
 
 

@@ -190,6 +190,21 @@ def read_architecture(model_dir: str | Path, supported: tuple[str, ...], fix: st
     return arch
 
 
+def load_pretrained(model_class: Any, model_dir: str | Path) -> nn.Module:
+    """``model_class.from_pretrained(model_dir)`` offline, in eval mode; a directory transformers cannot read
+    (broken config.json, missing or truncated weights, ...) is a :class:`CheckpointError` saying why."""
+    from apt_deploy.errors import CheckpointError
+
+    try:
+        return model_class.from_pretrained(str(model_dir), local_files_only=True).eval()
+    except Exception as e:  # OSError, ValueError, SafetensorError, RuntimeError (size mismatch), ... from transformers
+        raise CheckpointError(f"transformers cannot load {model_class.__name__} from {str(model_dir)!r}: "
+                              f"{type(e).__name__}: {str(e)[:800]}",
+                              "a complete save_pretrained directory (config.json + model.safetensors or pytorch_model.bin)",
+                              "re-save the model with save_pretrained, or re-copy the directory (a truncated copy "
+                              "is the usual cause)") from e
+
+
 def register_backbone(name: str) -> Callable[[type[BackboneSpec]], type[BackboneSpec]]:
     """Class decorator: ``@register_backbone("vilt") class ViltSpec(BackboneSpec): ...``."""
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
-                                           register_backbone)
+from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, load_pretrained,
+                                           read_architecture, register_backbone)
 from apt_deploy.errors import ConfigError, ExportError
 
 SUPPORTED = ("ViltForQuestionAnswering", "ViltModel")
@@ -73,7 +73,7 @@ class ViltSpec(BackboneSpec):
         import transformers
 
         arch = read_architecture(model_dir, SUPPORTED, "convert the checkpoint to a supported ViLT head")
-        return getattr(transformers, arch).from_pretrained(model_dir, local_files_only=True).eval()
+        return load_pretrained(getattr(transformers, arch), model_dir)
 
     def hidden_size(self, model: nn.Module) -> int:
         return int(model.config.hidden_size)
