@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from apt_deploy.backbones import get_backbone
-from apt_deploy.checkpoint import load_prompts, read_prompt_config
+from apt_deploy.checkpoint import has_trained_head, load_prompts, read_prompt_config
 from apt_deploy.errors import CheckpointError, InputPathError
 from apt_deploy.folding import fold
 
@@ -22,7 +22,9 @@ def load_trained(model_dir: str | Path, prompts_dir: str | Path, backbone: str |
     if backbone and backbone != cfg["backbone"]:
         raise CheckpointError(f"--backbone {backbone} but the prompts were trained on {cfg['backbone']!r}",
                               "the same backbone for model and prompts", f"pass --backbone {cfg['backbone']}")
-    model = get_backbone(name).load(str(model_dir))
+    spec = get_backbone(name)
+    # a head trained for another answer set (or on a checkpoint without one) is rebuilt to the checkpoint's labels
+    model = spec.load_with_head(str(model_dir), cfg["labels"])[0] if has_trained_head(cfg) else spec.load(str(model_dir))
     return load_prompts(model, prompts_dir)
 
 

@@ -109,6 +109,33 @@ class ViltSpec(BackboneSpec):
             extras["head"] = model.classifier
         return extras
 
+    def load_with_head(self, model_dir: str, labels: list[str]) -> tuple[nn.Module, str | None]:
+        import transformers
+
+        arch = read_architecture(model_dir, SUPPORTED, "convert the checkpoint to a supported ViLT head")
+        if arch == "ViltModel":  # no head: transformers builds (and initialises) a fresh one, as the official recipe
+            model = load_pretrained(transformers.ViltForQuestionAnswering, model_dir, num_labels=len(labels),
+                                    id2label=dict(enumerate(labels)), label2id={a: i for i, a in enumerate(labels)})
+            model.classifier.apply(model._init_weights)
+            return model, f"{model_dir} is a ViltModel without a VQA head"
+        model = self.load(model_dir)
+        reason = _head_mismatch(model.config, labels)
+        if reason:
+            self.resize_head(model, labels)
+        else:
+            _set_labels(model.config, labels)
+        return model, reason
+
+    def resize_head(self, model: nn.Module, labels: list[str]) -> None:
+        """A fresh VQA head (transformers' own initialisation of every head layer) with ``len(labels)`` outputs."""
+        if not hasattr(model, "classifier"):
+            raise ConfigError(f"{type(model).__name__} has no VQA head to resize", "a ViltForQuestionAnswering",
+                              "load it with get_backbone('vilt').load_with_head(model_dir, labels)")
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, len(labels), device=last.weight.device, dtype=last.weight.dtype)
+        model.classifier.apply(model._init_weights)
+        _set_labels(model.config, labels)
+
     # --- export ----------------------------------------------------------------------------
     def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:
         cfg = model.config
@@ -192,6 +219,28 @@ class ViltSpec(BackboneSpec):
         torch.manual_seed(seed)
         model = ViltForQuestionAnswering(config) if head else ViltModel(config)
         return model.eval()
+
+
+def _set_labels(config: Any, labels: list[str]) -> None:
+    config.num_labels = len(labels)  # transformers rebuilds id2label from num_labels; set the names after
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {a: i for i, a in enumerate(labels)}
+
+
+GENERIC_LABELS = ("LABEL_", "answer_")  # transformers' and build_tiny's placeholder names: no vocabulary to disagree with
+
+
+def _head_mismatch(config: Any, labels: list[str]) -> str | None:
+    """Why the checkpoint's VQA head does not fit ``labels`` (None: same size and names, or placeholder names)."""
+    if config.num_labels != len(labels):
+        return f"the model's VQA head has {config.num_labels} outputs but the answer vocabulary has {len(labels)}"
+    old = [str(config.id2label.get(i, "")) for i in range(len(labels))]
+    differ = [i for i, (a, o) in enumerate(zip(labels, old)) if a != o.strip().lower()]
+    if differ and not all(o.startswith(GENERIC_LABELS) for o in old):
+        i = differ[0]
+        return (f"the model's VQA head is labelled for other answers in {len(differ)} places "
+                f"(e.g. label {i}: {old[i]!r} vs {labels[i]!r})")
+    return None
 
 
 def _img(side: int, h: int, w: int, shapes: ShapeSettings) -> tuple[int, int]:
