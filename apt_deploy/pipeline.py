@@ -28,6 +28,22 @@ def load_trained(model_dir: str | Path, prompts_dir: str | Path, backbone: str |
     return load_prompts(model, prompts_dir)
 
 
+def load_base(model_dir: str | Path, backbone: str | None = None) -> nn.Module:
+    """The plain base model of ``model_dir`` (no method); the backbone is the one whose model classes
+    include config.json's ``architectures[0]`` unless given."""
+    return get_backbone(backbone or _backbone_of(model_dir)).load(str(model_dir))
+
+
+def _backbone_of(model_dir: str | Path) -> str:
+    from apt_deploy.backbones import known_backbones
+    from apt_deploy.backbones.registry import read_architecture
+
+    names = known_backbones()
+    classes = tuple(c for n in names for c in get_backbone(n).model_classes)
+    arch = read_architecture(model_dir, classes, "pass --backbone, or save the model as one of these classes")
+    return next(n for n in names if arch in get_backbone(n).model_classes)
+
+
 def load_folded_from_manifest(manifest: dict[str, Any], model_dir: str | None = None,
                               prompts_dir: str | None = None) -> nn.Module:
     """The folded PyTorch model an artifact was exported from (paths default to the manifest's source)."""

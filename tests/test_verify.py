@@ -118,13 +118,17 @@ def test_bf16_artifact_skips_the_ort_node_check_and_compares_a_bf16_backend(tiny
 
 
 def test_verify_a_base_model_artifact(tiny_dirs, tmp_path, capsys):
-    from apt_deploy.backbones import get_backbone
-    from exporters.onnx_export import export_artifact
-
-    out = export_artifact(get_backbone("vilt").load(str(tiny_dirs["model"])), tmp_path / "b", ExportSettings(batch_max=2))
-    assert json.loads((out / "manifest.json").read_text())["method"] == "none"
-    assert main(["verify", str(out)]) == 2  # exported without its source directory: say which flag gives it
-    assert "pass --model MODEL_DIR" in capsys.readouterr().err
-    assert main(["verify", str(out), "--model", str(tiny_dirs["model"]), "--json", str(tmp_path / "r.json")]) == 0
+    """`export` without --prompts writes the base model (method none); verify checks it, from its recorded
+    source or, when that is gone, from --model."""
+    out = tmp_path / "base"
+    assert main(["export", "--model", str(tiny_dirs["model"]), "--out", str(out), "--batch", "1,1,2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "none" and manifest["fused_op"]["count"] == 0
+    assert main(["verify", str(out), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["fused_op_vs_reference"]["nodes"] == 0 and len(report["onnxruntime_vs_torch"]["runs"]) == 2
+    manifest["source"] = {"model_dir": str(tmp_path / "gone")}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(out)]) == 2
+    assert "pass --model MODEL_DIR" in capsys.readouterr().err
+    assert main(["verify", str(out), "--model", str(tiny_dirs["model"])]) == 0
