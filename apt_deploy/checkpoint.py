@@ -92,10 +92,33 @@ def load_prompts(model: nn.Module, directory: str | Path, class_names: list[str]
     ``class_names`` (CLIP only, optional) must equal the checkpoint's, in logit order."""
     cfg = read_prompt_config(directory)
     spec = spec_for_model(model)
+    tensors = _read_tensors(Path(directory) / TENSORS_NAME)
+    _match_head(model, spec, cfg, tensors)
     _check_compatible(model, spec, cfg)
     spec.apply_method_from_config(model, cfg, class_names=class_names)
-    _copy_tensors(model, _read_tensors(Path(directory) / TENSORS_NAME))
+    _copy_tensors(model, tensors)
     return model
+
+
+def has_trained_head(cfg: dict[str, Any]) -> bool:
+    """The checkpoint carries an answer head (its ``labels`` and ``head.*`` tensors): a model's own head,
+    of whatever size, is replaced by it on load."""
+    return bool(cfg.get("labels")) and bool(cfg.get("train_head", False))
+
+
+def _match_head(model: nn.Module, spec: BackboneSpec, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint with a trained head for another answer set resizes the model's head first (train built it
+    fresh for ``--answers``); its labels become the model's."""
+    labels = cfg.get("labels")
+    if not labels or not any(k.startswith("head.") for k in tensors) or not hasattr(model, "classifier"):
+        return
+    if len(labels) != model.config.num_labels:
+        log.info("the checkpoint's head answers %d labels, the model's %d: resizing the model's head before loading it",
+                 len(labels), model.config.num_labels)
+        spec.resize_head(model, labels)
+    else:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {a: i for i, a in enumerate(labels)}
 
 
 def _state(model: nn.Module):

@@ -57,6 +57,10 @@ class ParityError(AptDeployError):
     """Two runners disagree beyond the declared tolerance."""
 
 
+class BackendError(AptDeployError):
+    """A library underneath (ONNX Runtime, Polygraphy, TensorRT, ...) failed to load or run a model."""
+
+
 class MissingDependencyError(AptDeployError):
     """An optional dependency (tensorrt, triton, ...) is needed but not installed."""
 

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from apt_deploy.backbones import get_backbone
-from apt_deploy.checkpoint import load_prompts, read_prompt_config
+from apt_deploy.checkpoint import has_trained_head, load_prompts, read_prompt_config
 from apt_deploy.errors import CheckpointError, InputPathError
 from apt_deploy.folding import fold
 
@@ -24,8 +24,26 @@ def load_trained(model_dir: str | Path, prompts_dir: str | Path, backbone: str |
     if backbone and backbone != cfg["backbone"]:
         raise CheckpointError(f"--backbone {backbone} but the prompts were trained on {cfg['backbone']!r}",
                               "the same backbone for model and prompts", f"pass --backbone {cfg['backbone']}")
-    model = get_backbone(name).load(str(model_dir))
+    spec = get_backbone(name)
+    # a head trained for another answer set (or on a checkpoint without one) is rebuilt to the checkpoint's labels
+    model = spec.load_with_head(str(model_dir), cfg["labels"])[0] if has_trained_head(cfg) else spec.load(str(model_dir))
     return load_prompts(model, prompts_dir)
+
+
+def load_base(model_dir: str | Path, backbone: str | None = None) -> nn.Module:
+    """The plain base model of ``model_dir`` (no method); the backbone is the one whose model classes
+    include config.json's ``architectures[0]`` unless given."""
+    return get_backbone(backbone or _backbone_of(model_dir)).load(str(model_dir))
+
+
+def _backbone_of(model_dir: str | Path) -> str:
+    from apt_deploy.backbones import known_backbones
+    from apt_deploy.backbones.registry import read_architecture
+
+    names = known_backbones()
+    classes = tuple(c for n in names for c in get_backbone(n).model_classes)
+    arch = read_architecture(model_dir, classes, "pass --backbone, or save the model as one of these classes")
+    return next(n for n in names if arch in get_backbone(n).model_classes)
 
 
 def load_folded_from_manifest(manifest: dict[str, Any], model_dir: str | None = None,
@@ -52,6 +70,7 @@ class ReferenceModule(nn.Module):
     def __init__(self, folded: nn.Module, output_names: list[str]) -> None:
         super().__init__()
         from apt_deploy.backbones import spec_for_model
+        from apt_deploy.ops import torch_op  # noqa: F401  (defines the custom op before a runner registers kernels on it)
 
         self.spec = spec_for_model(folded)
         self.folded, self.module, self.output_names = folded, self.spec.export_module(folded), output_names

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from apt_deploy.errors import ConfigError, InputPathError, UnknownNameError
+from apt_deploy.errors import BackendError, ConfigError, InputPathError, UnknownNameError
 from apt_deploy.manifest import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,12 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         t0 = time.perf_counter()
-        session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
+        try:
+            session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
+        except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, InvalidGraph, NoSuchFile, ...
+            raise BackendError(f"ONNX Runtime cannot load {str(self.model_path)!r}: {type(e).__name__}: {str(e)[:800]}",
+                               "a complete ONNX model (with its .data file beside it) that ONNX Runtime supports",
+                               "check the file is complete (apt-deploy verify checks its sha256), or re-export it") from e
         got = session.get_providers()
         if got[0] != self.providers[0]:
             raise ConfigError(f"ONNX Runtime fell back to {got} instead of {list(self.providers)}",
@@ -106,7 +111,14 @@ class OnnxRuntimeRunner(Runner):
         """Inputs the model does not take are dropped; the names are read once, in :meth:`activate`."""
         self.activate()
         wanted = {k: v for k, v in feed.items() if k in self._input_names}
-        return dict(zip(self._output_names, self._session.run(self._output_names, wanted)))
+        try:
+            outputs = self._session.run(self._output_names, wanted)
+        except Exception as e:  # onnxruntime's InvalidArgument (shape, dtype, missing input), Fail, ...
+            got = {k: (tuple(v.shape), str(v.dtype)) for k, v in wanted.items()}
+            raise BackendError(f"ONNX Runtime failed to run {self.model_path.name} on {got}: {type(e).__name__}: "
+                               f"{str(e)[:800]}", "inputs with the names, dtypes and shapes in the artifact's manifest",
+                               "feed what manifest.json lists (min..max shapes), or re-export with wider ranges") from e
+        return dict(zip(self._output_names, outputs))
 
 
 class CallableRunner(Runner):

@@ -37,6 +37,17 @@ ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXTERNAL_DATA_BYTES = 100 * 2**20
 # bfloat16 Conv/MatMul need opset 22+ (Conv-22 added bfloat16); None: the exporter's default (20)
 OPSETS: dict[str, int | None] = {"fp32": None, "fp16": None, "bf16": 23}
+# torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (and 3 more) on every export; our
+# models use no torchvision op, so those lines are noise (docs/pitfalls.md "Honest paths"). Only they are dropped.
+TORCH_ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+_TORCHVISION_FILTER = _DropTorchvisionNotice()
 
 
 def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSettings | None = None,
@@ -69,6 +80,7 @@ def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: 
     ``model`` is the (cast) HF model ``module`` was derived from; the spec's export patches apply to it."""
     example = cast_feed(spec.dummy_inputs(model, specs, "opt", settings.seed), settings.dtype)
     names = [s.name for s in specs]
+    logging.getLogger(TORCH_ONNX_REGISTRATION_LOGGER).addFilter(_TORCHVISION_FILTER)  # idempotent
     with torch.no_grad(), spec.export_context(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -137,40 +137,6 @@ def _report(which: str, diffs: list[OutputDiff]) -> dict[str, Any]:
                                           "shape": list(d.shape)} for d in diffs]}
 
 
-def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prompts_dir: str | None = None,
-                    backend: str = "onnxruntime", seed: int | None = None) -> dict[str, Any]:
-    """Re-run the export's parity checks from the artifact directory and its manifest alone
-    (plus the source model/prompt directories for the PyTorch side)."""
-    from apt_deploy.backbones import get_backbone
-    from apt_deploy.manifest import read_manifest
-    from apt_deploy.pipeline import load_folded_from_manifest
-    from engines.runners import make_runner
-
-    directory = Path(artifact_dir)
-    manifest = read_manifest(directory)
-    onnx_path = directory / manifest["files"]["model"]
-    report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
-    if backend == "onnxruntime" and manifest["dtype"] in ORT_CPU_UNSUPPORTED:
-        from apt_deploy.errors import ConfigError
-
-        raise ConfigError(f"a {manifest['dtype']} artifact cannot run on ONNX Runtime CPU",
-                          "a backend with bfloat16 kernels", ORT_CPU_UNSUPPORTED[manifest["dtype"]])
-    from apt_deploy.pipeline import load_reference_module
-
-    runner = make_runner(backend, directory, load_model=lambda: load_reference_module(manifest, model_dir, prompts_dir))
-    runner.activate()  # a missing backend (tensorrt, CUDA) fails here, before the PyTorch model is loaded
-    report["fused_op_vs_reference"] = check_fused_nodes(onnx_path)
-    folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
-    spec = get_backbone(manifest["backbone"])
-    specs = [InputSpec(i["name"], i["dtype"], tuple(i["axes"]), tuple(i["min_shape"]), tuple(i["opt_shape"]),
-                       tuple(i["max_shape"])) for i in manifest["inputs"]]
-    seed = manifest["export_settings"]["seed"] if seed is None else seed
-    with runner:
-        report[f"{backend}_vs_torch"] = runtime_vs_torch(runner, spec.export_module(folded), spec, folded, specs,
-                                                         manifest["dtype"], seed)
-    return report
-
-
 def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The ONNX files still hash to what the manifest recorded, and the checker accepts the model."""
     from apt_deploy.errors import CheckpointError
@@ -182,7 +148,11 @@ def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]
         if sha256_file(path) != manifest["sha256"][key]:
             raise CheckpointError(f"{path.name} does not match the sha256 recorded in manifest.json (modified or truncated)",
                                   f"sha256 {manifest['sha256'][key][:16]}...", "re-export the artifact")
-    onnx.checker.check_model(str(paths[0]), full_check=True)
+    try:
+        onnx.checker.check_model(str(paths[0]), full_check=True)
+    except Exception as e:  # onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, ...
+        raise CheckpointError(f"the ONNX checker rejects {paths[0].name}: {type(e).__name__}: {str(e)[:800]}",
+                              "a valid ONNX model as written by apt-deploy export", "re-export the artifact") from e
     return {"sha256": "ok", "onnx_checker": "ok"}
 
 

@@ -79,14 +79,14 @@ def test_existing_out_is_refused_before_training(workspace, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    (("--answers", "short.json"), "has 2 answers but the model has num_labels=11"),
+    (("--answers", "dupes.json"), "repeats ['yes']"),
     (("--data", "missing.jsonl"), "does not exist"),
     (("--backbone", "resnet"), "Unknown backbone for training 'resnet'"),
     (("--text-len", "99"), "--text-len 99"),
     (("--method", "coop"), "Unknown method for --backbone vilt 'coop'"),
 ])
 def test_bad_inputs_exit_2_with_a_clear_message(workspace, tmp_path, capsys, change, message):
-    (workspace / "short.json").write_text(json.dumps(["yes", "no"]))
+    (workspace / "dupes.json").write_text(json.dumps(["yes", "no", "yes"]))
     argv = args(workspace, tmp_path / "out")
     flag, value = change
     if flag in argv:
@@ -119,3 +119,44 @@ def test_cache_images_trains_to_the_same_tensors(workspace, tmp_path):
     assert main(args(workspace, cached, "--cache-images")) == 0
     a, b = load_file(str(plain / "prompts.safetensors")), load_file(str(cached / "prompts.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_13_answers_on_an_11_label_model_trains_a_fresh_head(workspace, tmp_path, caplog, capsys):
+    """A third-party answer set on a checkpoint whose head has another size: a fresh head, said loudly, whose
+    answers travel in the checkpoint so load, export and verify rebuild it."""
+    import logging
+
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.checkpoint import load_prompts, read_prompt_config
+    from apt_deploy.pipeline import load_trained
+
+    answers = [*ANSWERS, "purple", "maybe"]
+    assert len(answers) == 13 and get_backbone("vilt").load(str(workspace / "model")).config.num_labels == 11
+    (workspace / "answers13.json").write_text(json.dumps(answers))
+    out = tmp_path / "prompts"
+    argv = args(workspace, out)
+    argv[argv.index("--answers") + 1] = str(workspace / "answers13.json")
+    with caplog.at_level(logging.WARNING, logger="apt_deploy"):
+        assert main(argv) == 0
+    assert "has 11 outputs but the answer vocabulary has 13: built a FRESH 13-answer VQA head" in caplog.text
+    assert read_prompt_config(out)["labels"] == answers
+    assert load_trained(workspace / "model", out).config.id2label[12] == "maybe"
+    fresh = load_prompts(get_backbone("vilt").load(str(workspace / "model")), out)  # the Python API path resizes too
+    assert fresh.classifier[-1].out_features == 13 and fresh.config.num_labels == 13
+    art = tmp_path / "art"
+    assert main(["-q", "export", "--model", str(workspace / "model"), "--prompts", str(out), "--out", str(art),
+                 "--batch", "1,1,2"]) == 0
+    assert json.loads((art / "manifest.json").read_text())["outputs"][0]["axes"][-1] == 13
+    assert main(["-q", "verify", str(art)]) == 0
+
+
+def test_a_model_without_a_vqa_head_gets_a_fresh_one(tmp_path):
+    from apt_deploy.backbones import get_backbone
+
+    spec = get_backbone("vilt")
+    spec.build_tiny(seed=0, head=False).save_pretrained(tmp_path / "bare")
+    model, reason = spec.load_with_head(str(tmp_path / "bare"), ["yes", "no", "2"])
+    assert type(model).__name__ == "ViltForQuestionAnswering" and "ViltModel without a VQA head" in reason
+    assert model.classifier[-1].out_features == 3 and model.config.id2label == {0: "yes", 1: "no", 2: "2"}
+    same, kept = spec.load_with_head(str(tmp_path / "bare"), ["yes", "no", "2"])
+    assert torch.equal(same.vilt.embeddings.cls_token, model.vilt.embeddings.cls_token)  # the base weights load

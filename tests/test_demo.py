@@ -23,3 +23,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for name in ("base_model", "prompts", "artifact", "artifact_base"):
         assert (work / name).is_dir()
     assert main(["verify", str(work / "artifact")]) == 0
+    assert main(["verify", str(work / "artifact_base")]) == 0  # the base-model artifact records its source too

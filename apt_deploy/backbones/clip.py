@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
-                                           register_backbone)
+from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, load_pretrained,
+                                           read_architecture, register_backbone)
 from apt_deploy.errors import CheckpointError, ConfigError
 from apt_deploy.methods.coop import class_embedding_matrix, image_features
 
@@ -91,7 +91,7 @@ class ClipSpec(BackboneSpec):
         from transformers import CLIPModel
 
         read_architecture(model_dir, SUPPORTED, "save the full CLIPModel (both towers), not a single tower")
-        return CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+        return load_pretrained(CLIPModel, model_dir)
 
     def hidden_size(self, model: nn.Module) -> int:
         return int(model.config.vision_config.hidden_size)

@@ -140,6 +140,19 @@ class BackboneSpec:
         """Checkpoint prefix -> module whose parameters train besides the method's own."""
         return {}
 
+    def load_with_head(self, model_dir: str, labels: list[str]) -> tuple[nn.Module, str | None]:
+        """The model with an answer head of ``len(labels)`` outputs named ``labels``, and why a fresh head was
+        built (None: the checkpoint's own head fits). Families without an answer head refuse."""
+        from apt_deploy.errors import ConfigError
+
+        raise ConfigError(f"backbone {self.name!r} has no answer head", "a backbone with a classification head (vilt)")
+
+    def resize_head(self, model: nn.Module, labels: list[str]) -> None:
+        """Replace the answer head by a freshly initialised one with ``len(labels)`` outputs. In place."""
+        from apt_deploy.errors import ConfigError
+
+        raise ConfigError(f"backbone {self.name!r} has no answer head to resize", "a backbone with a classification head")
+
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""
 
@@ -188,6 +201,21 @@ def read_architecture(model_dir: str | Path, supported: tuple[str, ...], fix: st
     if arch not in supported:
         raise ConfigError(f"model architecture {arch!r}", f"one of {', '.join(supported)}", fix)
     return arch
+
+
+def load_pretrained(model_class: Any, model_dir: str | Path, **config_overrides: Any) -> nn.Module:
+    """``model_class.from_pretrained(model_dir)`` offline, in eval mode; a directory transformers cannot read
+    (broken config.json, missing or truncated weights, ...) is a :class:`CheckpointError` saying why."""
+    from apt_deploy.errors import CheckpointError
+
+    try:
+        return model_class.from_pretrained(str(model_dir), local_files_only=True, **config_overrides).eval()
+    except Exception as e:  # OSError, ValueError, SafetensorError, RuntimeError (size mismatch), ... from transformers
+        raise CheckpointError(f"transformers cannot load {model_class.__name__} from {str(model_dir)!r}: "
+                              f"{type(e).__name__}: {str(e)[:800]}",
+                              "a complete save_pretrained directory (config.json + model.safetensors or pytorch_model.bin)",
+                              "re-save the model with save_pretrained, or re-copy the directory (a truncated copy "
+                              "is the usual cause)") from e
 
 
 def register_backbone(name: str) -> Callable[[type[BackboneSpec]], type[BackboneSpec]]:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, read_architecture,
-                                           register_backbone)
+from apt_deploy.backbones.registry import (BackboneSpec, InputSpec, ShapeSettings, Site, load_pretrained,
+                                           read_architecture, register_backbone)
 from apt_deploy.errors import ConfigError, ExportError
 
 SUPPORTED = ("ViltForQuestionAnswering", "ViltModel")
@@ -26,29 +26,48 @@ def _core(model: nn.Module) -> nn.Module:
 
 
 def static_visual_embed(self: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, max_image_length: int = 200):
-    """Export-time ViltEmbeddings.visual_embed for unpadded images (pixel_mask all ones).
+    """Export-time ViltEmbeddings.visual_embed that honours ``pixel_mask`` without data-dependent shapes.
 
-    The original samples patches in random order with ``multinomial`` and loops in Python; the
-    transformer does not depend on patch order, so logits and pooled outputs agree to float precision
-    (docs/pitfalls.md). Image tokens come out in raster order here.
+    The original keeps each image's valid patches plus randomly sampled padding patches (masked out), with
+    position embeddings interpolated to each image's valid size, in a Python loop. Here every patch stays,
+    in raster order, with the patch-level mask as its attention mask, and each image's position
+    embeddings come from a per-image bilinear (align_corners) interpolation written as two small matrix
+    products. Masked tokens never reach valid ones (attention mask) and every other op is per token, so
+    logits and pooled outputs equal the original's to float precision, padded or not (docs/pitfalls.md).
     """
     x = self.patch_embeddings(pixel_values)
     b, c, h, w = x.shape
     pd = self.config.image_size // self.config.patch_size
-    pos = self.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, c, pd, pd)
-    # Always interpolate, as the original does (identity at the native size): a Python branch on (h, w)
-    # would be specialised away by torch.export and break dynamic image sizes (docs/pitfalls.md).
-    pos = nn.functional.interpolate(pos, size=(h, w), mode="bilinear", align_corners=True)
-    pos = pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
+    x_mask = nn.functional.interpolate(pixel_mask[:, None].to(x.dtype), size=(h, w)).long()[:, 0]  # as the original
+    valid_h, valid_w = x_mask[:, :, 0].sum(1), x_mask[:, 0, :].sum(1)  # patches per column 0 / row 0
+    grid = self.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, c, pd, pd)
+    rows, cols = _interpolation_matrix(valid_h, h, pd, x.dtype), _interpolation_matrix(valid_w, w, pd, x.dtype)
+    # (b, 1, h, pd) @ (1, c, pd, pd) @ (b, 1, pd, w): MatMul, not Einsum (ONNX Einsum has no bfloat16)
+    pos = (rows[:, None] @ grid @ cols[:, None].transpose(-1, -2)).flatten(2).transpose(1, 2)
     x = x.flatten(2).transpose(1, 2)
-    rows = torch.arange(h, device=x.device).repeat_interleave(w)
-    cols = torch.arange(w, device=x.device).repeat(h)
-    patch_index = torch.stack([rows, cols], -1).unsqueeze(0).expand(b, -1, -1)
+    r_idx = torch.arange(h, device=x.device).repeat_interleave(w)
+    c_idx = torch.arange(w, device=x.device).repeat(h)
+    patch_index = torch.stack([r_idx, c_idx], -1).unsqueeze(0).expand(b, -1, -1)
     x = torch.cat((self.cls_token.expand(b, -1, -1), x), 1)
     pos = torch.cat((self.position_embeddings[:, :1, :].expand(b, -1, -1), pos), 1)
     x = self.dropout(x + pos)
-    x_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    x_mask = torch.cat([torch.ones(b, 1, dtype=torch.long, device=x.device), x_mask.flatten(1)], 1)
     return x, x_mask, (patch_index, (h, w))
+
+
+def _interpolation_matrix(valid: torch.Tensor, size: int, source: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, size, source) weights of 1-D linear interpolation (align_corners=True) from ``source`` points
+    to each row's ``valid`` points, zero beyond them: F.interpolate per image, as a matrix."""
+    out = torch.arange(size, device=valid.device, dtype=torch.float32)[None, :]
+    n = valid.to(torch.float32)[:, None]
+    scale = torch.where(n > 1, (source - 1) / (n - 1).clamp(min=1), torch.zeros_like(n))
+    src = out * scale
+    lo = src.floor().clamp(max=source - 1)
+    frac = src - lo
+    hi = (lo + 1).clamp(max=source - 1)
+    points = torch.arange(source, device=valid.device, dtype=torch.float32)[None, None, :]
+    weights = (points == lo[..., None]) * (1 - frac)[..., None] + (points == hi[..., None]) * frac[..., None]
+    return (weights * (out < n)[..., None]).to(dtype)
 
 
 class ClsEmbeddingReplacement(nn.Module):
@@ -73,7 +92,7 @@ class ViltSpec(BackboneSpec):
         import transformers
 
         arch = read_architecture(model_dir, SUPPORTED, "convert the checkpoint to a supported ViLT head")
-        return getattr(transformers, arch).from_pretrained(model_dir, local_files_only=True).eval()
+        return load_pretrained(getattr(transformers, arch), model_dir)
 
     def hidden_size(self, model: nn.Module) -> int:
         return int(model.config.hidden_size)
@@ -108,6 +127,33 @@ class ViltSpec(BackboneSpec):
         if hasattr(model, "classifier"):
             extras["head"] = model.classifier
         return extras
+
+    def load_with_head(self, model_dir: str, labels: list[str]) -> tuple[nn.Module, str | None]:
+        import transformers
+
+        arch = read_architecture(model_dir, SUPPORTED, "convert the checkpoint to a supported ViLT head")
+        if arch == "ViltModel":  # no head: transformers builds (and initialises) a fresh one, as the official recipe
+            model = load_pretrained(transformers.ViltForQuestionAnswering, model_dir, num_labels=len(labels),
+                                    id2label=dict(enumerate(labels)), label2id={a: i for i, a in enumerate(labels)})
+            model.classifier.apply(model._init_weights)
+            return model, f"{model_dir} is a ViltModel without a VQA head"
+        model = self.load(model_dir)
+        reason = _head_mismatch(model.config, labels)
+        if reason:
+            self.resize_head(model, labels)
+        else:
+            _set_labels(model.config, labels)
+        return model, reason
+
+    def resize_head(self, model: nn.Module, labels: list[str]) -> None:
+        """A fresh VQA head (transformers' own initialisation of every head layer) with ``len(labels)`` outputs."""
+        if not hasattr(model, "classifier"):
+            raise ConfigError(f"{type(model).__name__} has no VQA head to resize", "a ViltForQuestionAnswering",
+                              "load it with get_backbone('vilt').load_with_head(model_dir, labels)")
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, len(labels), device=last.weight.device, dtype=last.weight.dtype)
+        model.classifier.apply(model._init_weights)
+        _set_labels(model.config, labels)
 
     # --- export ----------------------------------------------------------------------------
     def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:
@@ -192,6 +238,28 @@ class ViltSpec(BackboneSpec):
         torch.manual_seed(seed)
         model = ViltForQuestionAnswering(config) if head else ViltModel(config)
         return model.eval()
+
+
+def _set_labels(config: Any, labels: list[str]) -> None:
+    config.num_labels = len(labels)  # transformers rebuilds id2label from num_labels; set the names after
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {a: i for i, a in enumerate(labels)}
+
+
+GENERIC_LABELS = ("LABEL_", "answer_")  # transformers' and build_tiny's placeholder names: no vocabulary to disagree with
+
+
+def _head_mismatch(config: Any, labels: list[str]) -> str | None:
+    """Why the checkpoint's VQA head does not fit ``labels`` (None: same size and names, or placeholder names)."""
+    if config.num_labels != len(labels):
+        return f"the model's VQA head has {config.num_labels} outputs but the answer vocabulary has {len(labels)}"
+    old = [str(config.id2label.get(i, "")) for i in range(len(labels))]
+    differ = [i for i, (a, o) in enumerate(zip(labels, old)) if a != o.strip().lower()]
+    if differ and not all(o.startswith(GENERIC_LABELS) for o in old):
+        i = differ[0]
+        return (f"the model's VQA head is labelled for other answers in {len(differ)} places "
+                f"(e.g. label {i}: {old[i]!r} vs {labels[i]!r})")
+    return None
 
 
 def _img(side: int, h: int, w: int, shapes: ShapeSettings) -> tuple[int, int]:

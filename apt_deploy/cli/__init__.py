@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from apt_deploy import __version__
@@ -26,15 +27,24 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+def _verbosity_parser(suffix: str) -> argparse.ArgumentParser:
+    """-v / -q, before the subcommand (``suffix`` "") or after it ("_after"); main() adds both up."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", dest=f"verbose{suffix}", action="count", default=0,
+                   help="more logging (-vv for debug and tracebacks)")
+    p.add_argument("-q", "--quiet", dest=f"quiet{suffix}", action="store_true", help="only warnings and errors")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apt-deploy", description=__doc__.splitlines()[0].strip("`` "))
+    parser = argparse.ArgumentParser(prog="apt-deploy", description=__doc__.splitlines()[0].strip("`` "),
+                                     parents=[_verbosity_parser("")])
     parser.add_argument("--version", action="version", version=f"apt-deploy {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    after = _verbosity_parser("_after")
     for module_name in COMMANDS:
         module = importlib.import_module(module_name)
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP, parents=[after])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -53,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    _setup_logging(args.verbose, args.quiet)
+    verbose, quiet = args.verbose + args.verbose_after, args.quiet or args.quiet_after
+    _setup_logging(verbose, quiet)
     try:
         return int(args._run(args) or 0)
     except AptDeployError as e:
@@ -62,6 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # last resort: a library failure no call site converted yet
+        return _unexpected(args.command, e, verbose)
+
+
+def _unexpected(command: str, error: Exception, verbose: int) -> int:
+    """Exit 2 with the exception's type and message (the traceback at -vv) instead of a bare traceback."""
+    if verbose > 1:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"apt-deploy {command}: error: unexpected {type(error).__module__}.{type(error).__name__}: "
+          f"{str(error)[:2000] or '(no message)'}. Fix: check the inputs named above; if they look right this is a bug "
+          f"in apt-deploy or a library underneath — re-run with -vv for the traceback and report it.", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompts_required: bool 
     g.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="local directory of the base model (save_pretrained layout); no hub access")
     g.add_argument("--prompts", required=prompts_required, metavar="PROMPT_DIR",
-                   help="prompt checkpoint directory (apt_config.json + prompts.safetensors)")
+                   help="prompt checkpoint directory (apt_config.json + prompts.safetensors)"
+                   + ("" if prompts_required else "; omit it to export the base model alone"))
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:

@@ -11,7 +11,7 @@ HELP = "fold prompts into the model and export ONNX (one fused op per APT module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, prompts_required=False)
     add_output_arguments(parser, "artifact (model.onnx + manifest.json)")
     add_export_arguments(parser)
 
@@ -31,11 +31,15 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_existing(args.out, args.overwrite)
     settings = settings_from_args(args)
-    from apt_deploy.pipeline import load_trained
+    from apt_deploy.pipeline import load_base, load_trained
     from exporters.onnx_export import export_artifact
 
-    model = load_trained(args.model, args.prompts, args.backbone)
-    source = {"model_dir": str(Path(args.model).resolve()), "prompts_dir": str(Path(args.prompts).resolve())}
+    source = {"model_dir": str(Path(args.model).resolve())}
+    if args.prompts is None:  # the base model: what verify and bench compare APT against
+        model = load_base(args.model, args.backbone)
+    else:
+        model = load_trained(args.model, args.prompts, args.backbone)
+        source["prompts_dir"] = str(Path(args.prompts).resolve())
     out = export_artifact(model, args.out, settings, source=source)
     print(f"wrote {out}/model.onnx and {out}/manifest.json")
     return 0

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=4, help="APT low-rank size (paper: 4; unused by deep_prompt)")
     d = parser.add_argument_group("data")
     d.add_argument("--data", metavar="TRAIN", help='vilt: JSONL, one {"image", "question", "answers"} object per line')
-    d.add_argument("--answers", metavar="ANSWERS.json", help="vilt: JSON list of answers; index = label id; "
-                   "length = the model's num_labels")
+    d.add_argument("--answers", metavar="ANSWERS.json", help="vilt: JSON list of answers; index = label id. "
+                   "When it differs from the model's VQA head (size or labels), or the model has none, a fresh head is built")
     d.add_argument("--eval-data", metavar="EVAL", help="held-out data, evaluated at the end (vilt: VQA accuracy)")
     d.add_argument("--image-root", metavar="DIR", help="folder relative image paths resolve against (default: the file's)")
     d.add_argument("--cache-images", action="store_true", help="keep preprocessed examples in memory after the "
@@ -88,12 +88,13 @@ def train_vilt(args: argparse.Namespace) -> int:
         raise UnknownNameError("method for --backbone vilt", args.method, VILT_METHODS)
     refuse_existing(args.out, args.overwrite)
     settings = settings_from_args(args)
-    from apt_deploy.backbones import get_backbone
     from apt_deploy.checkpoint import save_prompts
+    from apt_deploy.data.vqa import load_answers
     from apt_deploy.training import train
 
-    model = get_backbone("vilt").load(args.model)
-    processor, train_set, eval_set = _vilt_data(args, model)
+    answers = load_answers(args.answers)
+    model = _load_with_head(args.model, answers, settings.seed)
+    processor, train_set, eval_set = _vilt_data(args, model, answers)
     _apply_method(args, model, processor.tokenizer)
     result = train(model, train_set, settings, eval_dataset=eval_set)
     accuracy = result.evals[-1][1] if result.evals else None
@@ -104,12 +105,25 @@ def train_vilt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vilt_data(args: argparse.Namespace, model: nn.Module) -> tuple[Any, VQADataset, VQADataset | None]:
-    """(processor, train dataset, eval dataset or None); the model's id2label is set to the answer vocabulary."""
-    from apt_deploy.data.vqa import load_answers, load_processor, load_vqa_jsonl
+def _load_with_head(model_dir: str, answers: list[str], seed: int) -> nn.Module:
+    """The model with a VQA head for ``answers``: its own when it fits, else a fresh one (seeded), said loudly."""
+    import torch
 
-    answers = load_answers(args.answers, num_labels=model.config.num_labels)
-    _set_labels(model, answers)
+    from apt_deploy.backbones import get_backbone
+
+    torch.manual_seed(seed)
+    model, reason = get_backbone("vilt").load_with_head(model_dir, answers)
+    if reason:
+        log.warning("%s: built a FRESH %d-answer VQA head (randomly initialised, as the official recipe does on a "
+                    "pre-trained checkpoint); it trains with the prompts (head lr = lr x --head-lr-mult) and the answers "
+                    "are recorded in the prompt checkpoint, so load and export rebuild it", reason, len(answers))
+    return model
+
+
+def _vilt_data(args: argparse.Namespace, model: nn.Module, answers: list[str]) -> tuple[Any, VQADataset, VQADataset | None]:
+    """(processor, train dataset, eval dataset or None)."""
+    from apt_deploy.data.vqa import load_processor, load_vqa_jsonl
+
     processor = load_processor(args.model)
     text_len = _text_len(args.text_len, model.config.max_position_embeddings)
     cache = args.cache_images
@@ -125,18 +139,6 @@ def _apply_method(args: argparse.Namespace, model: nn.Module, tokenizer: Any) ->
 
     config = APTConfig(prompt_len=args.prompt_len, rank=args.rank, cls_token_id=tokenizer.cls_token_id, method=args.method)
     (apply_apt if args.method == "apt" else apply_deep_prompt)(model, config)
-
-
-def _set_labels(model: nn.Module, answers: list[str]) -> None:
-    old = [str(model.config.id2label.get(i, "")) for i in range(len(answers))]
-    generic = all(o.startswith(("LABEL_", "answer_")) for o in old)
-    differ = [i for i, (a, o) in enumerate(zip(answers, old)) if a != o.strip().lower()]
-    if differ and not generic:
-        i = differ[0]
-        log.warning("the answer vocabulary differs from the model's id2label in %d labels (e.g. label %d: %r vs %r); "
-                    "training with the vocabulary file's labels", len(differ), i, answers[i], old[i])
-    model.config.id2label = dict(enumerate(answers))
-    model.config.label2id = {a: i for i, a in enumerate(answers)}
 
 
 def _text_len(requested: int | None, max_positions: int) -> int:

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apt_deploy.fileio import write_json_atomic
-    from exporters.validate import verify_artifact
+    from apt_deploy.verification import verify_artifact
 
     report = verify_artifact(args.artifact, args.model, args.prompts, backend=args.backend)
     for check, value in report.items():
@@ -35,4 +35,6 @@ def _summary(value: dict) -> str:
         return f"max abs {worst:.2e} (tolerance atol={value['tolerance']['atol']:g}) over {len(value['runs'])} shape sets"
     if "nodes" in value:
         return f"{value['nodes']} nodes, max abs {value['max_abs']:.2e}"
+    if "skipped" in value:
+        return f"SKIPPED: {value['skipped']}"
     return ", ".join(f"{k}={v}" for k, v in value.items())

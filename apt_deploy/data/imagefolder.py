@@ -142,4 +142,8 @@ def load_clip_preprocessing(model_dir: str | Path) -> tuple[Any, Any]:
         raise InputPathError(f"model directory {str(d)!r} has no preprocessor_config.json",
                              "the CLIP image processor saved beside the model",
                              "save it there: CLIPImageProcessorPil(...).save_pretrained(MODEL_DIR)")
-    return CLIPTokenizer.from_pretrained(str(d)), CLIPImageProcessorPil.from_pretrained(str(d))
+    try:
+        return CLIPTokenizer.from_pretrained(str(d)), CLIPImageProcessorPil.from_pretrained(str(d))
+    except Exception as e:  # OSError, ValueError, JSONDecodeError, ... from transformers
+        raise InputPathError(f"cannot load the CLIP tokenizer / image processor from {str(d)!r}: {type(e).__name__}: {e}",
+                             "a tokenizer and image processor written by save_pretrained", "re-save them") from e

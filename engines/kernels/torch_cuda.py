@@ -35,8 +35,11 @@ def enable_triton_kernel() -> None:
     require("triton", "the fused Triton kernel")
     import torch
 
-    from apt_deploy.ops import torch_op  # noqa: F401  (defines the custom op)
-
+    if not hasattr(getattr(torch.ops, SPEC.torch_namespace), SPEC.torch_name):
+        # defined by apt_deploy.ops.torch_op (the torch side, which this layer does not import): the
+        # caller's model loader or the caller itself imports it first
+        raise ConfigError(f"the custom op {SPEC.torch_qualname} is not defined yet", "the op defined before "
+                          "its CUDA kernel is registered", "import apt_deploy.ops.torch_op (or load the model) first")
     torch.library.register_kernel(SPEC.torch_qualname, "cuda", _cuda_kernel)
     _ENABLED.append(True)
     log.info("registered the Triton kernel as the CUDA implementation of %s", SPEC.torch_qualname)
@@ -68,9 +71,13 @@ class TorchCudaRunner(Runner):
         if self._module is not None:
             return
         require("cuda", "the torch-cuda backend")
+        self._load()  # the model loader defines the custom op (apt_deploy.ops.torch_op)
         if self.use_triton:
-            enable_triton_kernel()
-        self._load()
+            try:
+                enable_triton_kernel()
+            except Exception:
+                self.deactivate()
+                raise
 
     def _load(self) -> None:
         """Load and move the model; state is set only after every step succeeded, and a model already moved
