@@ -95,7 +95,8 @@ def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, An
     settings = ExportSettings(batch_max=8, overwrite=True)
     source = {"model_dir": str(base_dir.resolve()), "prompts_dir": str(prompts_dir.resolve())}
     artifact = export_artifact(load_trained(base_dir, prompts_dir), work / "artifact", settings, source=source)
-    base = export_artifact(ad.get_backbone("vilt").load(str(base_dir)), work / "artifact_base", settings)
+    base = export_artifact(ad.get_backbone("vilt").load(str(base_dir)), work / "artifact_base", settings,
+                           source={"model_dir": source["model_dir"]})
     manifest = read_manifest(artifact)
     summary["export"] = {"artifact": str(artifact), "fused_nodes": manifest["fused_op"]["count"],
                          "onnx_bytes": _size(artifact, manifest), "base_onnx_bytes": _size(base, read_manifest(base)),
