@@ -76,6 +76,7 @@ def test_cli_requests_jsonl_with_one_bad_image(vqa_artifact, tmp_path, capsys):
     (["--image", "{tmp}/nope.png", "--question", "q"], "image .*nope.png' does not exist"),
     ([], "exactly one of them"),
     (["--image", "{img}", "--question", "q", "--top-k", "0"], "--top-k 0"),
+    (["--image", "{img}", "--text", "a cat"], "--text for an artifact that is not a detection model"),
 ])
 def test_cli_bad_input_exits_2(vqa_artifact, tmp_path, capsys, argv, match):
     import re

@@ -132,3 +132,16 @@ def test_postprocessing_sorts_scores_and_names_labels(clip_artifact):
     labels, scores = post(np.array([[0.0, 2.0, 1.0]], dtype=np.float32), top_k=5)
     assert labels == [["square", "triangle", "circle"]] and scores.shape == (1, 3)
     assert np.all(np.diff(scores[0]) <= 0) and abs(float(scores.sum()) - 1) < 1e-6
+
+
+def test_verify_checks_the_inference_files(vqa_artifact, tmp_path, capsys):
+    import shutil
+
+    from apt_deploy.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(vqa_artifact, copy)
+    with open(copy / "inference" / "labels.json", "a") as f:
+        f.write(" ")
+    assert main(["verify", str(copy)]) == 2
+    assert "inference file inference/labels.json is missing or does not match the sha256" in capsys.readouterr().err

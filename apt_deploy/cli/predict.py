@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if special is not None:
         predictions = special(args.artifact, args.image, args.text, args.threshold, args.backend)
         return _print(predictions, args.json)
+    if args.text is not None:
+        raise ConfigError("--text for an artifact that is not a detection model", "--question for VQA, nothing for "
+                          "classification (--text/--threshold are for detection backbones such as grounding_dino)",
+                          "pass --question TEXT instead")
     from apt_deploy.serving.predict import Predictor
 
     predictor = Predictor(args.artifact, backend=args.backend, threads=args.threads)

@@ -23,6 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", default=None, metavar="FILE", help="write tritonserver's output here")
 
 
+def _warn_if_exposed(host: str) -> None:
+    import logging
+
+    from apt_deploy.serving.loadtest import is_loopback
+
+    if not is_loopback(host):
+        logging.getLogger(__name__).warning("binding %s: the server (no authentication) is reachable from other "
+                                            "machines; put it behind your own gateway", host)
+
+
 class _Stop(Exception):
     """Raised by the SIGINT / SIGTERM handler to leave the server's context (which stops it)."""
 
@@ -39,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise _Stop(signal.Signals(signum).name)
 
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    _warn_if_exposed(args.host)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="apt-deploy-serve-") as work:

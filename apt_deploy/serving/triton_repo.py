@@ -62,8 +62,7 @@ def add_artifact(repo: Path, name: str, artifact: Path, settings: TritonRepoSett
     manifest = read_manifest(artifact)
     assets = check_assets(artifact, manifest)
     batch = resolve_max_batch(manifest, settings.max_batch)
-    recipe_inputs = ["image", "question"] if (manifest["inference"].get("request_inputs") or []) == ["image", "question"] \
-        else ["image"]
+    recipe_inputs = request_inputs(manifest)
     step = _write_model_step(repo, name, artifact, manifest, settings, batch)
     for kind in ("pre", "post"):
         _write_python_model(repo / f"{name}_{kind}", kind, assets)
@@ -75,6 +74,15 @@ def add_artifact(repo: Path, name: str, artifact: Path, settings: TritonRepoSett
     (repo / name / "1").mkdir(exist_ok=True)  # Triton wants a version directory even for an ensemble
     return {"artifact": str(artifact.resolve()), "max_batch_size": batch, "top_k": k, "model_step": step,
             "inputs": recipe_inputs, "task": manifest["inference"].get("task")}
+
+
+def request_inputs(manifest: dict[str, Any]) -> list[str]:
+    """The ensemble's inputs: ``image`` (+ ``question`` for VQA), as the artifact's inference section says."""
+    inputs = manifest["inference"].get("request_inputs")
+    if inputs not in (["image"], ["image", "question"]):
+        raise ConfigError(f"inference.request_inputs {inputs!r} in the manifest", '["image"] or ["image", "question"]',
+                          "re-export the artifact with this version of apt-deploy")
+    return list(inputs)
 
 
 def resolve_max_batch(manifest: dict[str, Any], wanted: int | None) -> int:
