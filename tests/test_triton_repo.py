@@ -107,3 +107,10 @@ def test_python_backend_model_step(vqa_artifact, tmp_path):
     cfg = _cfg(out / "m_model")
     assert cfg.backend == "python" and cfg.max_batch_size == 8 and (out / "m_model" / "1" / "model.py").is_file()
     assert cfg.parameters["intra_op_threads"].string_value == "1"
+
+
+def test_serve_refuses_backends_the_bundled_server_lacks(repo, capsys):
+    pytest.importorskip("pytriton")
+    assert main(["serve", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert "uses 'onnxruntime_onnx'" in err and "triton-repo --backend python" in err
