@@ -132,6 +132,7 @@ class TritonServer:
         self.repo, self.endpoints, self.ready_timeout = Path(repo).resolve(), endpoints, ready_timeout
         self.log_file = Path(log_file) if log_file else None
         self.process: subprocess.Popen[bytes] | None = None
+        self.ready_seconds: float | None = None
         self._work: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> TritonServer:
@@ -166,9 +167,9 @@ class TritonServer:
                                   f"it was ready. {self.log_tail()}", "a repository the server can load",
                                   "read the log (--log FILE) and fix the failing model")
             if http_ready(self.endpoints.http_url):
-                seconds = time.perf_counter() - t0
-                log.info("tritonserver ready in %.1f s", seconds)
-                return seconds
+                self.ready_seconds = time.perf_counter() - t0
+                log.info("tritonserver ready in %.1f s", self.ready_seconds)
+                return self.ready_seconds
             time.sleep(0.2)
         raise ConfigError(f"tritonserver not ready after {self.ready_timeout:.0f} s. {self.log_tail()}",
                           "a server that loads its models", "read the log (--log FILE)")
