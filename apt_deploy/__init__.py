@@ -22,6 +22,7 @@ _LAZY = {
     "load_prompts": "apt_deploy.checkpoint",
     "get_backbone": "apt_deploy.backbones",
     "known_backbones": "apt_deploy.backbones",
+    "Predictor": "apt_deploy.serving.predict",
 }
 __all__ = ["__version__", *_LAZY]
 

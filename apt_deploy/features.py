@@ -16,6 +16,8 @@ _HOW_TO_GET = {
     "matplotlib": "pip install matplotlib",
     "sklearn": "pip install scikit-learn",
     "scipy": "pip install scipy",
+    "pytriton": 'pip install "apt-deploy[serve]" (nvidia-pytriton bundles tritonserver; Linux x86_64, glibc >= 2.35)',
+    "tritonclient": 'pip install "apt-deploy[serve]"',
 }
 
 

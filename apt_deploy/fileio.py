@@ -6,8 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -32,6 +32,32 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _temp_name(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def _create_temp_file(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` created with mode 0666 minus the umask (mkstemp would make it 0600, so an
+    artifact could not be read by a server running as another user)."""
+    while True:
+        tmp = _temp_name(path, ".tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _create_temp_dir(out: Path) -> Path:
+    """A new staging directory beside ``out``, mode 0777 minus the umask (mkdtemp would make it 0700)."""
+    while True:
+        stage = _temp_name(out, ".partial")
+        try:
+            stage.mkdir(0o777)
+            return stage
+        except FileExistsError:
+            continue
 
 
 def refuse_existing(out: str | Path, overwrite: bool, flag: str = "path") -> None:
@@ -51,7 +77,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     out = Path(out_dir)
     refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    stage = _create_temp_dir(out)
     try:
         yield stage
         if out.exists():

@@ -165,3 +165,17 @@ class ClipTrainSettings:
         if opt not in DEFAULT_LR:
             raise ConfigError(f"optimizer {opt!r}", f"one of {', '.join(DEFAULT_LR)}")
         return opt, self.lr if self.lr is not None else DEFAULT_LR[opt]
+
+
+@dataclass(frozen=True)
+class TritonRepoSettings:
+    """``apt-deploy triton-repo`` / ``serve``: how each artifact becomes Triton models (serving/triton_repo.py)."""
+
+    backend: str = "onnxruntime"  # model step: onnxruntime (onnxruntime_onnx), tensorrt (tensorrt_plan), python (ORT)
+    max_batch: int | None = None  # None: the export's max batch
+    instances: int = 1  # instance_group count of every model
+    top_k: int = 5
+    queue_delay_us: int = 500  # dynamic batcher's max queue delay
+    max_image_bytes: int = 16 * 2**20  # larger encoded images are refused with HTTP 400
+    intra_op_threads: int = 1  # ONNX Runtime threads per python-backend model instance
+    engine: str | None = None  # tensorrt: the .plan (default: the artifact's model.<dtype>.plan)

@@ -7,7 +7,9 @@ know only this interface.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -21,12 +23,27 @@ from apt_deploy.manifest import MODEL_NAME
 
 log = logging.getLogger(__name__)
 Feed = Mapping[str, np.ndarray]
+_LOCK_GUARD = threading.Lock()
 
 
 class Runner(ABC):
-    """Base runner: ``with runner: outputs = runner.infer(feed)``."""
+    """Base runner: ``with runner: outputs = runner.infer(feed)``.
+
+    Thread safety: one runner may be shared by many threads. Activation happens once, under
+    :attr:`lock`; a runner whose ``infer`` reuses per-runner state (TensorRT bindings, CUDA-graph static
+    buffers) is decorated with :func:`serialized`. ``deactivate`` must not race with ``infer``.
+    """
 
     name: str = "runner"
+
+    @property
+    def lock(self) -> threading.RLock:
+        """This runner's re-entrant lock (created on first use; subclasses need not call ``__init__``)."""
+        lock = self.__dict__.get("_runner_lock")
+        if lock is None:
+            with _LOCK_GUARD:
+                lock = self.__dict__.setdefault("_runner_lock", threading.RLock())
+        return lock
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -47,6 +64,17 @@ class Runner(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - device runners wait for the device here
         """Block until queued work is done (for timing)."""
+
+
+def serialized(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a runner method under the runner's lock (for runners with per-runner buffers or contexts)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Runner, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def to_host_numpy(t: Any) -> np.ndarray:
@@ -72,8 +100,15 @@ class OnnxRuntimeRunner(Runner):
         self._output_names: list[str] = []
 
     def activate(self) -> None:
+        """Create the session once, even when many threads make their first call at the same time
+        (``InferenceSession.run`` itself is thread-safe, so ``infer`` takes no lock)."""
         if self._session is not None:
             return
+        with self.lock:
+            if self._session is None:
+                self._create_session()
+
+    def _create_session(self) -> None:
         import onnxruntime as ort
 
         if not self.model_path.is_file():
@@ -96,11 +131,12 @@ class OnnxRuntimeRunner(Runner):
                               f"the provider {self.providers[0]} to be usable", "install the matching onnxruntime build")
         self._input_names = [i.name for i in session.get_inputs()]
         self._output_names = [o.name for o in session.get_outputs()]
-        self._session = session  # active only once every check passed (a failed activation leaves it None)
+        self._session = session  # published last, once every check passed: a failed activation leaves it None
         log.info("ONNX Runtime session for %s in %.2f s (%s)", self.model_path.name, time.perf_counter() - t0, got[0])
 
     def deactivate(self) -> None:
-        self._session = None
+        with self.lock:
+            self._session = None
 
     @property
     def input_names(self) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from apt_deploy.errors import ConfigError, InputPathError
 from apt_deploy.features import require
 from apt_deploy.fileio import read_json
-from engines.runners import Feed, Runner, register_backend, to_host_numpy
+from engines.runners import Feed, Runner, register_backend, serialized, to_host_numpy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class TensorRTRunner(Runner):
         self.name = name or f"tensorrt[{self.engine_path.name}]"
         self._runner: Any = None
 
+    @serialized  # thread safety: one activation, one infer at a time (shared bindings / graph buffers)
     def activate(self) -> None:
         if self._runner is not None:
             return
@@ -88,6 +89,7 @@ class TensorRTRunner(Runner):
             self._runner.deactivate()
         self._runner = None
 
+    @serialized
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         import torch
 

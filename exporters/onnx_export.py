@@ -64,6 +64,7 @@ def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSetti
         with timed_step(f"export {spec.name}/{state.method} to ONNX"):
             onnx_path = export_onnx(module, spec, cast, specs, stage / MODEL_NAME, settings)
         manifest = build_manifest(spec, folded, state, specs, onnx_path, settings, source)
+        manifest["inference"] = write_inference_assets(spec, folded, specs, source, stage)
         if settings.validate:
             from exporters.validate import validate_export
 
@@ -138,6 +139,20 @@ def build_manifest(spec: BackboneSpec, model: nn.Module, state: Any, specs: list
         "export_settings": asdict(settings),
         **spec.manifest_extras(model),
     }
+
+
+def write_inference_assets(spec: BackboneSpec, model: nn.Module, specs: list[InputSpec],
+                           source: dict[str, str] | None, stage: Path) -> dict[str, Any]:
+    """The spec writes labels / tokenizer / recipe under ``inference/``; every file is listed with its sha256."""
+    from apt_deploy.assets import ASSETS_DIR
+
+    out = stage / ASSETS_DIR
+    out.mkdir()
+    section = spec.inference_assets(model, (source or {}).get("model_dir"), specs, out)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    if not files:
+        out.rmdir()
+    return {**section, "files": {p.relative_to(stage).as_posix(): sha256_file(p) for p in files}}
 
 
 def cast_feed(feed: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:

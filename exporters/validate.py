@@ -148,6 +148,10 @@ def check_integrity(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]
         if sha256_file(path) != manifest["sha256"][key]:
             raise CheckpointError(f"{path.name} does not match the sha256 recorded in manifest.json (modified or truncated)",
                                   f"sha256 {manifest['sha256'][key][:16]}...", "re-export the artifact")
+    for rel, digest in ((manifest.get("inference") or {}).get("files") or {}).items():
+        if not (directory / rel).is_file() or sha256_file(directory / rel) != digest:
+            raise CheckpointError(f"inference file {rel} is missing or does not match the sha256 recorded in manifest.json",
+                                  f"sha256 {digest[:16]}...", "re-export the artifact")
     try:
         onnx.checker.check_model(str(paths[0]), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, ...

@@ -92,3 +92,46 @@ def clip_dir(tmp_path_factory):
     from apt_deploy.backbones.clip import save_tiny_clip
 
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vqa_artifact(tmp_path_factory) -> Path:
+    """A tiny APT ViLT VQA artifact exported from a model directory WITH its processor (tokenizer + image
+    processor), so it carries its inference assets (serving tests: predict, triton-repo, serve)."""
+    from apt_deploy import save_prompts
+    from apt_deploy.pipeline import load_trained
+    from apt_deploy.settings import ExportSettings
+    from apt_deploy.tiny import save_tiny_vilt
+    from exporters.onnx_export import export_artifact
+
+    root = tmp_path_factory.mktemp("vqa")
+    model_dir = save_tiny_vilt(root / "model", seed=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=16, image_size=32, patch_size=16,
+                               max_image_length=-1)
+    model = load_trained_or_apply(model_dir)
+    save_prompts(model, root / "prompts")
+    source = {"model_dir": str(model_dir), "prompts_dir": str(root / "prompts")}
+    return export_artifact(load_trained(model_dir, root / "prompts"), root / "artifact", ExportSettings(batch_max=8),
+                           source=source)
+
+
+def load_trained_or_apply(model_dir: Path):
+    """The tiny ViLT in ``model_dir`` with APT applied and randomized (what training would leave)."""
+    import apt_deploy as ad
+
+    model = ad.get_backbone("vilt").load(str(model_dir))
+    ad.apply_apt(model, ad.APTConfig(prompt_len=6, rank=2))
+    randomize_method(model, 0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def clip_artifact(clip_dir, tmp_path_factory) -> Path:
+    """A tiny CoOp CLIP artifact with its inference assets (class names, image recipe)."""
+    from apt_deploy.settings import ExportSettings
+    from exporters.onnx_export import export_artifact
+    from tests.clip_helpers import clip_with_method
+
+    model, _ = clip_with_method(clip_dir, "coop")
+    return export_artifact(model, tmp_path_factory.mktemp("clipart") / "artifact", ExportSettings(batch_max=4),
+                           source={"model_dir": str(clip_dir)})

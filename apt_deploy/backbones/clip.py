@@ -136,6 +136,23 @@ class ClipSpec(BackboneSpec):
         learner = getattr(model, "prompt_learner", None)
         return {"class_names": list(learner.class_names)} if learner is not None else {}
 
+    def inference_assets(self, model: nn.Module, model_dir: str | None, specs: list[InputSpec],
+                         out_dir: Path) -> dict[str, Any]:
+        """Image classification: class names in logit order, the image processor's recipe, softmax scores."""
+        from transformers import CLIPImageProcessorPil
+
+        from apt_deploy.assets import image_recipe, missing_assets, write_assets
+
+        learner = getattr(model, "prompt_learner", None)
+        if learner is None:
+            return missing_assets("this CLIP model has no class head")
+        if not model_dir or not (Path(model_dir) / "preprocessor_config.json").is_file():
+            return missing_assets(f"model directory {model_dir!r} holds no preprocessor_config.json")
+        processor = CLIPImageProcessorPil.from_pretrained(str(model_dir))
+        recipe = {"task": "image_classification", "score": "softmax", "image": image_recipe(processor)}
+        write_assets(out_dir, list(learner.class_names), recipe, processor)
+        return {"task": recipe["task"], "request_inputs": ["image"]}
+
     def export_module(self, model: nn.Module) -> nn.Module:
         if getattr(model, "prompt_learner", None) is None:
             raise ConfigError("this CLIP model has no class head (prompt learner)",

@@ -115,6 +115,15 @@ class BackboneSpec:
         """Backbone-specific manifest fields (CLIP: ``class_names`` in logit order)."""
         return {}
 
+    def inference_assets(self, model: nn.Module, model_dir: str | None, specs: list[InputSpec],
+                         out_dir: Path) -> dict[str, Any]:
+        """Write what inference needs besides the ONNX model into ``out_dir`` (labels, tokenizer, the resolved
+        pre/post-processing recipe; apt_deploy/assets.py) and return the manifest's ``inference`` section
+        (``task``, ``request_inputs``). Default: none (predict / serve refuse such an artifact, saying why)."""
+        from apt_deploy.assets import missing_assets
+
+        return missing_assets(f"backbone {self.name!r} defines no inference assets")
+
     def export_module(self, model: nn.Module) -> nn.Module:
         """The module to export / compare (default: the model itself; CLIP: image tower + class GEMM)."""
         return model

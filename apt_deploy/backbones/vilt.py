@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,6 +176,27 @@ class ViltSpec(BackboneSpec):
         mask = InputSpec("pixel_mask", "int64", ("batch", *hw_axes), (bmin, *pix.min_shape[2:]),
                          (bopt, h, w), (bmax, *pix.max_shape[2:]))
         return [*text, pix, mask]
+
+    def inference_assets(self, model: nn.Module, model_dir: str | None, specs: list[InputSpec],
+                         out_dir: Path) -> dict[str, Any]:
+        """VQA: answers in logit order, tokenizer.json, the image recipe with an exact resize to the export's
+        image size (unpadded, pixel_mask all ones), sigmoid scores (ViLT's VQA head is trained with BCE)."""
+        from apt_deploy.assets import image_recipe, missing_assets, save_tokenizer, write_assets
+        from apt_deploy.data.vqa import PROCESSOR_FILES, load_processor
+
+        if not hasattr(model, "classifier"):
+            return missing_assets("a bare ViltModel has no answer head")
+        if not model_dir or not any((Path(model_dir) / f).is_file() for f in PROCESSOR_FILES):
+            return missing_assets(f"model directory {model_dir!r} holds no ViLT processor (tokenizer + image processor)")
+        processor = load_processor(model_dir)
+        shapes = {s.name: s.opt_shape for s in specs}
+        tok = processor.tokenizer
+        recipe = {"task": "visual_question_answering", "score": "sigmoid", "pixel_mask": True,
+                  "image": image_recipe(processor.image_processor, exact_size=tuple(shapes["pixel_values"][2:])),
+                  "text": {"tokenizer": save_tokenizer(tok, out_dir), "max_length": int(shapes["input_ids"][1]),
+                           "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token)}}
+        write_assets(out_dir, [model.config.id2label[i] for i in range(model.config.num_labels)], recipe, processor)
+        return {"task": recipe["task"], "request_inputs": ["image", "question"]}
 
     def output_names(self, model: nn.Module) -> list[str]:
         return ["logits"] if hasattr(model, "classifier") else ["last_hidden_state", "pooler_output"]

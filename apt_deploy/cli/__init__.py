@@ -24,6 +24,10 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.verify",
     "apt_deploy.cli.bench",
     "apt_deploy.cli.build",
+    "apt_deploy.cli.predict",
+    "apt_deploy.cli.triton_repo",
+    "apt_deploy.cli.serve",
+    "apt_deploy.cli.loadtest",
 )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from apt_deploy.errors import ConfigError
 from apt_deploy.features import require
 from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
-from engines.runners import Feed, Runner, register_backend, to_host_numpy
+from engines.runners import Feed, Runner, register_backend, serialized, to_host_numpy
 
 log = logging.getLogger(__name__)
 MODES = ("eager", "graphs", "compile")
@@ -67,6 +67,7 @@ class TorchCudaRunner(Runner):
         self._module: Any = None
         self._graphs: dict[tuple, CapturedGraph] = {}
 
+    @serialized  # thread safety: one activation, one infer at a time (shared bindings / graph buffers)
     def activate(self) -> None:
         if self._module is not None:
             return
@@ -105,6 +106,7 @@ class TorchCudaRunner(Runner):
     def deactivate(self) -> None:
         self._module, self._graphs = None, {}
 
+    @serialized
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         self.activate()
         inputs = self._to_device(feed)
