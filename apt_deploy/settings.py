@@ -165,3 +165,28 @@ class ClipTrainSettings:
         if opt not in DEFAULT_LR:
             raise ConfigError(f"optimizer {opt!r}", f"one of {', '.join(DEFAULT_LR)}")
         return opt, self.lr if self.lr is not None else DEFAULT_LR[opt]
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """Scale-out knobs shared by every training loop (docs/distributed.md): gradient accumulation, autocast
+    precision, training checkpoints every N optimizer steps into ``checkpoint_dir``, resuming from ``resume``.
+    The world size comes from torchrun, not from here."""
+
+    grad_accum: int = 1
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        from apt_deploy.errors import ConfigError
+
+        if self.grad_accum < 1 or self.checkpoint_every < 0:
+            raise ConfigError(f"grad_accum={self.grad_accum}, checkpoint_every={self.checkpoint_every}",
+                              "grad_accum >= 1 and checkpoint_every >= 0", "fix --grad-accum / --checkpoint-every")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision {self.precision!r}", "one of fp32, bf16, fp16", "fix --precision")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} without a checkpoint directory",
+                              "a directory for the training checkpoint", "pass --checkpoint-dir (or --out)")
