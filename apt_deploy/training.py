@@ -105,14 +105,7 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_data
     step sees batch x grad_accum x world_size examples. ``scale``: accumulation, precision, checkpoints, resume.
     """
     scale, ctx = scale or ScaleSettings(), ctx or DistContext()
-    torch.manual_seed(settings.seed + ctx.rank)
-    model.to(ctx.device)
-    optimizer, scheduler = build_optimizer(model, settings)
-    net = wrap_trainable(model, ctx)
-    batches = ShardedBatches(dataset, settings.batch_size, ctx, settings.seed, collate)
-    stepper = GradientStepper(net, optimizer, scheduler, ctx, scale.precision, scale.grad_accum, settings.grad_clip)
-    checkpointer = TrainCheckpointer(model, stepper, batches, ctx, scale, run_identity(
-        model, **asdict(settings), grad_accum=scale.grad_accum, precision=scale.precision, data_size=len(dataset)))
+    net, stepper, batches, checkpointer = _prepare(model, dataset, settings, scale, ctx)
     done, history = checkpointer.resume()
     stream, result = iter(batches), TrainResult(losses=history.losses, evals=history.evals)
     loss_fn = _vqa_loss_fn(net, ctx.device)
@@ -133,6 +126,20 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_data
     log.info("trained %d steps in %.1f s (%.2f steps/s); loss %.4f -> %.4f", result.steps, result.seconds,
              result.steps_per_second, result.mean_loss(first=True), result.mean_loss())
     return result
+
+
+def _prepare(model: nn.Module, dataset: Dataset, settings: TrainSettings, scale: ScaleSettings,
+             ctx: DistContext) -> tuple[nn.Module, GradientStepper, ShardedBatches, TrainCheckpointer]:
+    """(DDP-wrapped model, stepper, this rank's batch stream, checkpointer), the model on ``ctx.device``."""
+    torch.manual_seed(settings.seed + ctx.rank)
+    model.to(ctx.device)
+    optimizer, scheduler = build_optimizer(model, settings)
+    net = wrap_trainable(model, ctx)
+    batches = ShardedBatches(dataset, settings.batch_size, ctx, settings.seed, collate)
+    stepper = GradientStepper(net, optimizer, scheduler, ctx, scale.precision, scale.grad_accum, settings.grad_clip)
+    identity = run_identity(model, **asdict(settings), grad_accum=scale.grad_accum, precision=scale.precision,
+                            data_size=len(dataset))
+    return net, stepper, batches, TrainCheckpointer(model, stepper, batches, ctx, scale, identity)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 64, ctx: DistContext | None = None) -> float:

@@ -160,9 +160,10 @@ def _vilt_data(args: argparse.Namespace, model: nn.Module) -> tuple[Any, VQAData
 
 
 def _apply_method(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> None:
+    import torch
+
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.tuning import apply_apt, apply_deep_prompt
-    import torch
 
     torch.manual_seed(args.seed)  # the fresh prompt tensors: a function of --seed (the same on every rank)
 
