@@ -294,7 +294,7 @@ def test_torchrun_killed_run_resumes_to_the_uninterrupted_tensors(workspace, tmp
     import time
 
     full, part, state = tmp_path / "full", tmp_path / "part", tmp_path / "state"
-    common = ("--batch-size", "2", "--steps", "12")
+    common = ("--batch-size", "2", "--steps", "12", "--method", "deep_prompt")  # (apt resumes in the default run)
     assert torchrun(2, train_argv(workspace, full, *common)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "APT_DEPLOY_NO_PROGRESS": "1"}
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "apt_deploy",
@@ -314,6 +314,27 @@ def test_torchrun_killed_run_resumes_to_the_uninterrupted_tensors(workspace, tmp
     assert f"at step {step}" in resumed.stderr
     a, b = tensors(full), tensors(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_meet_through_c10d_rendezvous(workspace, tmp_path):
+    """Two "machines" (two torchrun agents, one process each) on loopback: --nnodes 2 --rdzv-backend c10d."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "APT_DEPLOY_NO_PROGRESS": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+            "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "apt-deploy-test", "-m", "apt_deploy",
+            *train_argv(workspace, tmp_path / "two", "--batch-size", "2")]
+    agents = [subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=400) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [err[-2000:] for _, err in outputs]
+    assert sum(out.count("effective batch 4") for out, _ in outputs) == 1
+    assert main(["-q", *train_argv(workspace, tmp_path / "one", "--batch-size", "4")]) == 0
+    assert max_diff(tensors(tmp_path / "two"), tensors(tmp_path / "one")) <= 1e-6
 
 
 @pytest.mark.slow
