@@ -16,19 +16,21 @@ class text features (the frozen zero-shot head) for apt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apt_deploy.errors import ConfigError
-from apt_deploy.settings import ClipTrainSettings, DEFAULT_LR
+from apt_deploy.settings import ClipTrainSettings, DEFAULT_LR, ScaleSettings
 
 if TYPE_CHECKING:  # torch is imported lazily: `apt-deploy train --help` works without it
     import torch
     from PIL import Image
     from torch import nn
 
+    from apt_deploy.distributed import DistContext
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.methods.coop import CoOpConfig
     from apt_deploy.methods.gram import GradientRegulator, GramConfig
@@ -111,60 +113,116 @@ def build_clip_optimizer(model: nn.Module, settings: ClipTrainSettings,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_clip(model: nn.Module, data: Any, settings: ClipTrainSettings | None = None) -> list[float]:
-    """Few-shot cross-entropy tuning of whatever the method left trainable; returns the loss per step."""
+def train_clip(model: nn.Module, data: Any, settings: ClipTrainSettings | None = None,
+               scale: ScaleSettings | None = None, ctx: DistContext | None = None) -> list[float]:
+    """Few-shot cross-entropy tuning of whatever the method left trainable; returns the loss per optimizer step.
+
+    Each step draws ``batch_size`` x ``grad_accum`` x world size indices with replacement from one seeded
+    generator that every rank shares (CoOp's sampling; one process draws exactly what it always did);
+    rank r trains on its slices and DDP all-reduces the gradients. ``scale``: accumulation, precision,
+    training checkpoints, resume (docs/distributed.md).
+    """
     import torch
     from torch import nn
-    from apt_deploy.progress import progress, timed_step
-
-    settings = settings or ClipTrainSettings()
-    method = model.apt_deploy_state.method
-    opt, sched = build_clip_optimizer(model, settings, method)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    g = torch.Generator().manual_seed(settings.seed)
-    frozen = _frozen_features(model, data.pixel_values)
-    losses = []
-    model.train()
-    with timed_step(f"train clip/{method} for {settings.steps} steps", log):
-        for _ in progress(range(settings.steps), total=settings.steps, desc=f"train {method}"):
-            idx = torch.randint(len(data), (min(settings.batch_size, len(data)),), generator=g)
-            loss = nn.functional.cross_entropy(_logits(model, data.pixel_values, idx, frozen), data.labels[idx])
-            _update(model, loss, (opt, sched), trainable, settings.grad_clip)
-            losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def _update(model: nn.Module, loss: torch.Tensor,
-            optim: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR],
-            trainable: list[torch.nn.Parameter], grad_clip: float | None) -> None:
-    """One optimiser step: backward, GRAM's ψ on the context gradient (no-op without a regulator),
-    gradient-norm clipping, then the optimiser and LR-schedule steps."""
-    from torch import nn
+    from apt_deploy.distributed import DistContext, main_progress, wrap_trainable
     from apt_deploy.methods.gram import regulate_gradients
+    from apt_deploy.progress import timed_step
+    from apt_deploy.settings import ScaleSettings
+    from apt_deploy.stepping import GradientStepper
+    from apt_deploy.train_state import History, TrainCheckpointer, run_identity
 
-    opt, sched = optim
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    regulate_gradients(model)
-    if grad_clip:
-        nn.utils.clip_grad_norm_(trainable, grad_clip)
-    opt.step()
-    sched.step()
+    settings, scale, ctx = settings or ClipTrainSettings(), scale or ScaleSettings(), ctx or DistContext()
+    method = model.apt_deploy_state.method
+    model.to(ctx.device)
+    pixels, labels = data.pixel_values.to(ctx.device), data.labels.to(ctx.device)
+    opt, sched = build_clip_optimizer(model, settings, method)
+    net = wrap_trainable(_logits_module(model, pixels, _frozen_features(model, pixels)), ctx)
+    draws = GlobalDraws(len(data), settings.batch_size, ctx, scale.grad_accum, settings.seed)
+    stepper = GradientStepper(net, opt, sched, ctx, scale.precision, scale.grad_accum, settings.grad_clip,
+                              before_step=lambda: regulate_gradients(model))
+    identity = run_identity(model, **dataclasses.asdict(settings), grad_accum=scale.grad_accum,
+                            precision=scale.precision, data_size=len(data))
+    checkpointer = TrainCheckpointer(model, stepper, draws, ctx, scale, identity)
+    done, history = checkpointer.resume()
+    stream = iter(draws)
+    net.train()  # the model's mode, through its DDP wrapper
+    with timed_step(f"train clip/{method} for {settings.steps} steps at batch {draws.per_step}", log):
+        for step in main_progress(ctx, range(done + 1, settings.steps + 1), total=settings.steps - done,
+                                  desc=f"train {method}"):
+            history.losses.append(stepper.step(stream, lambda idx: nn.functional.cross_entropy(net(idx), labels[idx])))
+            checkpointer.maybe_save(step, history)
+    model.eval()
+    return history.losses
 
 
-def evaluate_clip(model: nn.Module, data: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the (training-form or folded) classifier: the image tower + the class GEMM."""
+class GlobalDraws:
+    """CoOp's sampling, shared by all ranks: per optimizer step one draw of ``min(batch, n)`` x grad_accum x
+    world size indices (with replacement) from a generator seeded once; micro-batch k of rank r is slice
+    k x world + r. Resumable: the state is the generator's."""
+
+    def __init__(self, n: int, batch_size: int, ctx: DistContext, grad_accum: int, seed: int) -> None:
+        import torch
+        from apt_deploy.distributed import check_world_size
+
+        check_world_size(n, ctx)
+        self.n, self.batch, self.ctx, self.accum = n, min(batch_size, n), ctx, grad_accum
+        self.per_step = self.batch * grad_accum * ctx.world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        while True:
+            idx = torch.randint(self.n, (self.per_step,), generator=self.generator)
+            for k in range(self.accum):
+                start = (k * self.ctx.world_size + self.ctx.rank) * self.batch
+                yield idx[start:start + self.batch].to(self.ctx.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "dataset_size": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["dataset_size"] != self.n:
+            raise ConfigError(f"the resumed run trained on {state['dataset_size']} images, this one on {self.n}",
+                              "the same --data and --shots as the interrupted run", "resume with the same data")
+        self.generator.set_state(state["generator"])
+
+
+def evaluate_clip(model: nn.Module, data: Any, batch_size: int = 256, ctx: DistContext | None = None) -> float:
+    """Top-1 accuracy of the (training-form or folded) classifier: the image tower + the class GEMM.
+    With ``ctx`` each rank scores its shard and the counts are all-reduced."""
     import torch
     from apt_deploy.backbones import get_backbone
+    from apt_deploy.distributed import DistContext, shard_range
 
+    ctx = ctx or DistContext()
     classifier = get_backbone("clip").export_module(model).eval()
+    shard = torch.tensor(list(shard_range(len(data), ctx)), dtype=torch.long)
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            logits = classifier(data.pixel_values[i:i + batch_size])
-            correct += int((logits.argmax(-1) == data.labels[i:i + batch_size]).sum())
-    return correct / max(1, len(data))
+        for i in range(0, len(shard), batch_size):
+            idx = shard[i:i + batch_size]
+            logits = classifier(data.pixel_values[idx].to(ctx.device))
+            correct += int((logits.argmax(-1).cpu() == data.labels[idx]).sum())
+    correct, count = ctx.sum([correct, len(shard)])
+    return correct / max(1, count)
+
+
+def _logits_module(model: nn.Module, pixel_values: torch.Tensor,
+                   frozen: tuple[torch.Tensor | None, torch.Tensor | None]) -> nn.Module:
+    """A module whose ``forward(idx)`` gives the training-form logits of ``pixel_values[idx]`` (DDP all-reduces
+    through a module's forward); ``model`` is its only submodule, so its parameters are the model's."""
+    from torch import nn
+
+    class TrainingLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return _logits(self.model, pixel_values, idx, frozen)
+
+    return TrainingLogits()
 
 
 def _frozen_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -193,9 +251,9 @@ def _logits(model: nn.Module, pixel_values: torch.Tensor, idx: torch.Tensor,
     return cosine_logits(model, image, text)
 
 
-def train_from_args(args: argparse.Namespace) -> int:
-    """``apt-deploy train --backbone clip``: 1. data, 2. model + method, 3. GRAM meta-training,
-    4. few-shot tuning, 5. evaluation, 6. save_prompts."""
+def train_from_args(args: argparse.Namespace, scale: ScaleSettings | None = None, ctx: DistContext | None = None) -> int:
+    """``apt-deploy train --backbone clip``: 1. data, 2. model + method, 3. GRAM meta-training (every rank runs
+    it, seeded), 4. few-shot tuning (data-parallel under torchrun), 5. evaluation, 6. save_prompts (rank 0)."""
     from apt_deploy.checkpoint import save_prompts
     from apt_deploy.data.imagefolder import check_class_names, load_clip_preprocessing, load_image_folder
 
@@ -203,19 +261,23 @@ def train_from_args(args: argparse.Namespace) -> int:
     _check_clip_args(args)
     tokenizer, processor = load_clip_preprocessing(args.model)
     train = load_image_folder(args.data, processor, shots=args.shots, seed=args.seed)
+    import torch
+
+    torch.manual_seed(args.seed)  # the fresh context / APT tensors: a function of --seed (the same on every rank)
     model = load_clip_with_method(args.model, tokenizer, method, train.class_names, _coop_config(args), _apt_config(args))
     if method == "gram":
         _meta_train_from_args(model, tokenizer, processor, args)
     settings = ClipTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=getattr(args, "lr", None),
                                  optimizer=getattr(args, "optimizer", None), seed=args.seed)
-    losses = train_clip(model, train, settings)
+    losses = train_clip(model, train, settings, scale, ctx)
     log.info("final training loss %.4f, train accuracy %.3f", losses[-1] if losses else float("nan"),
-             evaluate_clip(model, train))
+             evaluate_clip(model, train, ctx=ctx))
     if getattr(args, "eval_data", None):
         evaluation = load_image_folder(args.eval_data, processor)
         check_class_names(evaluation.class_names, train.class_names, f"--eval-data {args.eval_data}")
-        log.info("eval accuracy on %s: %.4f", args.eval_data, evaluate_clip(model, evaluation))
-    save_prompts(model, args.out, overwrite=bool(getattr(args, "overwrite", False)))
+        log.info("eval accuracy on %s: %.4f", args.eval_data, evaluate_clip(model, evaluation, ctx=ctx))
+    if ctx is None or ctx.is_main:
+        save_prompts(model, args.out, overwrite=bool(getattr(args, "overwrite", False)))
     return 0
 
 

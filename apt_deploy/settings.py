@@ -179,3 +179,28 @@ class TritonRepoSettings:
     max_image_bytes: int = 16 * 2**20  # larger encoded images are refused with HTTP 400
     intra_op_threads: int = 1  # ONNX Runtime threads per python-backend model instance
     engine: str | None = None  # tensorrt: the .plan (default: the artifact's model.<dtype>.plan)
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """Scale-out knobs shared by every training loop (docs/distributed.md): gradient accumulation, autocast
+    precision, training checkpoints every N optimizer steps into ``checkpoint_dir``, resuming from ``resume``.
+    The world size comes from torchrun, not from here."""
+
+    grad_accum: int = 1
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        from apt_deploy.errors import ConfigError
+
+        if self.grad_accum < 1 or self.checkpoint_every < 0:
+            raise ConfigError(f"grad_accum={self.grad_accum}, checkpoint_every={self.checkpoint_every}",
+                              "grad_accum >= 1 and checkpoint_every >= 0", "fix --grad-accum / --checkpoint-every")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision {self.precision!r}", "one of fp32, bf16, fp16", "fix --precision")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} without a checkpoint directory",
+                              "a directory for the training checkpoint", "pass --checkpoint-dir (or --out)")

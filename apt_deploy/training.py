@@ -5,23 +5,30 @@ LayerNorm parameters (prompts, W_dn/W_up, log_scale and the learned [CLS] embedd
 spec names no other exception); the task head at ``head_lr_mult`` x lr; linear warm-up over
 ``warmup_ratio`` of the steps, then linear decay to 0. Loss: ViLT's VQA loss, BCE-with-logits (mean)
 x num_labels over soft target scores.
+
+Scale-out (docs/distributed.md): run under ``torchrun`` with a :class:`~apt_deploy.distributed.DistContext`
+for data parallelism; :class:`~apt_deploy.settings.ScaleSettings` adds gradient accumulation, bf16/fp16
+autocast, training checkpoints and resuming. The data order is a function of (seed, epoch, position).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from apt_deploy.backbones import get_backbone, spec_for_model
 from apt_deploy.data.vqa import collate
+from apt_deploy.distributed import DistContext, ShardedBatches, main_progress, shard_range, wrap_trainable
 from apt_deploy.errors import ConfigError
-from apt_deploy.progress import progress, timed_step
-from apt_deploy.settings import TrainSettings
+from apt_deploy.progress import timed_step
+from apt_deploy.settings import ScaleSettings, TrainSettings
+from apt_deploy.stepping import GradientStepper
+from apt_deploy.train_state import History, TrainCheckpointer, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +96,30 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> tuple[torch.op
     return optimizer, scheduler
 
 
-def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_dataset: Dataset | None = None) -> TrainResult:
-    """Train the model's trainable parameters for ``settings.steps`` steps; leaves the model in eval mode."""
-    torch.manual_seed(settings.seed)
-    optimizer, scheduler = build_optimizer(model, settings)
-    clipped = [p for group in optimizer.param_groups for p in group["params"]]
-    batches, result = _batches(dataset, settings), TrainResult()
-    model.train()
+def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_dataset: Dataset | None = None,
+          scale: ScaleSettings | None = None, ctx: DistContext | None = None) -> TrainResult:
+    """Train the model's trainable parameters for ``settings.steps`` optimizer steps; leaves it in eval mode.
+
+    ``ctx`` (from :func:`apt_deploy.distributed.distributed`) makes it data-parallel: each rank takes
+    ``settings.batch_size`` examples per micro-batch from its shard, DDP all-reduces the gradients, so one
+    step sees batch x grad_accum x world_size examples. ``scale``: accumulation, precision, checkpoints, resume.
+    """
+    scale, ctx = scale or ScaleSettings(), ctx or DistContext()
+    net, stepper, batches, checkpointer = _prepare(model, dataset, settings, scale, ctx)
+    done, history = checkpointer.resume()
+    stream, result = iter(batches), TrainResult(losses=history.losses, evals=history.evals)
+    loss_fn = _vqa_loss_fn(net, ctx.device)
+    effective = settings.batch_size * scale.grad_accum * ctx.world_size
+    net.train()  # the model's mode, through its DDP wrapper
     try:
-        with timed_step(f"training {settings.steps} steps at batch {settings.batch_size}", log) as timing:
-            for step in progress(range(1, settings.steps + 1), total=settings.steps, desc="train"):
-                result.losses.append(_step(model, next(batches), optimizer, scheduler, clipped, settings.grad_clip))
+        with timed_step(f"training {settings.steps} steps at batch {effective} ({settings.batch_size} x "
+                        f"{scale.grad_accum} accumulation x {ctx.world_size} processes)", log) as timing:
+            for step in main_progress(ctx, range(done + 1, settings.steps + 1), total=settings.steps - done, desc="train"):
+                result.losses.append(stepper.step(stream, loss_fn))
                 if eval_dataset is not None and _eval_due(step, settings):
-                    result.evals.append((step, evaluate(model, eval_dataset, settings.eval_batch_size)))
+                    result.evals.append((step, evaluate(model, eval_dataset, settings.eval_batch_size, ctx)))
                     log.info("step %d: loss %.4f, eval accuracy %.4f", step, result.losses[-1], result.evals[-1][1])
+                checkpointer.maybe_save(step, History(result.losses, result.evals))
     finally:
         model.eval()
     result.seconds = timing["seconds"]
@@ -111,43 +128,48 @@ def train(model: nn.Module, dataset: Dataset, settings: TrainSettings, eval_data
     return result
 
 
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 64) -> float:
-    """VQA accuracy: the mean target score of the argmax answer (1.0 = always a fully correct answer)."""
+def _prepare(model: nn.Module, dataset: Dataset, settings: TrainSettings, scale: ScaleSettings,
+             ctx: DistContext) -> tuple[nn.Module, GradientStepper, ShardedBatches, TrainCheckpointer]:
+    """(DDP-wrapped model, stepper, this rank's batch stream, checkpointer), the model on ``ctx.device``."""
+    torch.manual_seed(settings.seed + ctx.rank)
+    model.to(ctx.device)
+    optimizer, scheduler = build_optimizer(model, settings)
+    net = wrap_trainable(model, ctx)
+    batches = ShardedBatches(dataset, settings.batch_size, ctx, settings.seed, collate)
+    stepper = GradientStepper(net, optimizer, scheduler, ctx, scale.precision, scale.grad_accum, settings.grad_clip)
+    identity = run_identity(model, **asdict(settings), grad_accum=scale.grad_accum, precision=scale.precision,
+                            data_size=len(dataset))
+    return net, stepper, batches, TrainCheckpointer(model, stepper, batches, ctx, scale, identity)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 64, ctx: DistContext | None = None) -> float:
+    """VQA accuracy: the mean target score of the argmax answer (1.0 = always a fully correct answer).
+    With ``ctx`` each rank scores its shard and the sums are all-reduced (every example counted once)."""
+    ctx = ctx or DistContext()
     was_training, score, count = model.training, 0.0, 0
     model.eval()
     with torch.inference_mode():
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        shard = Subset(dataset, shard_range(len(dataset), ctx))
+        for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
             labels = batch.pop("labels")
             predicted = model(**batch).logits.argmax(dim=-1, keepdim=True)
             score += labels.gather(1, predicted).sum().item()
             count += labels.shape[0]
     model.train(was_training)
+    score, count = ctx.sum([score, count])
     return score / max(1, count)
 
 
-def _step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LambdaLR, params: list[nn.Parameter], grad_clip: float | None) -> float:
-    """One optimizer step; ``params`` (the optimizer's, gathered once) are clipped to ``grad_clip`` if set."""
-    labels = batch.pop("labels")
-    loss = vqa_loss(model(**batch).logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach())
+def _vqa_loss_fn(net: nn.Module, device: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The loss of one collated micro-batch through ``net`` (the model, or its DDP wrapper)."""
 
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        return vqa_loss(net(**batch).logits, labels)
 
-def _batches(dataset: Dataset, settings: TrainSettings) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (reshuffled every epoch, seeded); a partial last batch only for tiny datasets."""
-    if len(dataset) == 0:
-        raise ConfigError("the training dataset is empty", "at least one example")
-    generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator,
-                        collate_fn=collate, drop_last=len(dataset) >= settings.batch_size)
-    while True:
-        yield from loader
+    return loss_fn
 
 
 def _eval_due(step: int, settings: TrainSettings) -> bool:

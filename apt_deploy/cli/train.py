@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works 
     from torch import nn
 
     from apt_deploy.data.vqa import VQADataset
-    from apt_deploy.settings import TrainSettings
+    from apt_deploy.distributed import DistContext
+    from apt_deploy.settings import ScaleSettings, TrainSettings
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
@@ -46,6 +47,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from apt_deploy.clip_training import add_clip_arguments  # torch-free at import time (tested)
 
     add_clip_arguments(parser)
+    _add_scale_arguments(parser)
+
+
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("scale-out: torchrun data parallelism, accumulation, precision, resume "
+                                  "(docs/distributed.md)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per optimizer step: effective "
+                   "batch = --batch-size x K x processes (default 1)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision of the "
+                   "training step (fp16 with loss scaling); weights and the saved prompts stay fp32 (default fp32)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write a training checkpoint every N "
+                   "optimizer steps (default 0: never)")
+    g.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="where (default OUT_DIR.train_state); replaced "
+                   "atomically each time")
+    g.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run from its training checkpoint")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda:LOCAL_RANK when CUDA "
+                   "is available, else cpu (default auto)")
+
+
+def scale_from_args(args: argparse.Namespace) -> ScaleSettings:
+    from apt_deploy.settings import ScaleSettings
+
+    directory = args.checkpoint_dir or f"{str(args.out).rstrip('/')}.train_state"
+    return ScaleSettings(grad_accum=args.grad_accum, precision=args.precision, checkpoint_every=args.checkpoint_every,
+                         checkpoint_dir=directory, resume=args.resume)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,17 +97,30 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one rank of a ``torchrun`` launch (it sets WORLD_SIZE / RANK; see docs/distributed.md)."""
+    from apt_deploy.distributed import distributed, quiet_other_ranks
+
+    scale = scale_from_args(args)
+    with distributed(args.device) as ctx:
+        quiet_other_ranks(ctx)
+        if ctx.is_main and not args.quiet:
+            print(f"effective batch {args.batch_size * scale.grad_accum * ctx.world_size} = --batch-size "
+                  f"{args.batch_size} x --grad-accum {scale.grad_accum} x {ctx.world_size} process(es) on {ctx.device}")
+        return _run_backbone(args, scale, ctx)
+
+
+def _run_backbone(args: argparse.Namespace, scale: ScaleSettings, ctx: DistContext) -> int:
     if args.backbone == "clip":
         from apt_deploy.clip_training import train_from_args
 
         refuse_existing(args.out, args.overwrite)
-        return train_from_args(args)
+        return train_from_args(args, scale, ctx)
     if args.backbone != "vilt":
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
-    return train_vilt(args)
+    return train_vilt(args, scale, ctx)
 
 
-def train_vilt(args: argparse.Namespace) -> int:
+def train_vilt(args: argparse.Namespace, scale: ScaleSettings | None = None, ctx: DistContext | None = None) -> int:
     """1. check flags and --out  2. load model, processor, answers, data  3. apply the method  4. train  5. save."""
     _require(args, "data", "answers")
     if args.method not in VILT_METHODS:
@@ -96,9 +135,10 @@ def train_vilt(args: argparse.Namespace) -> int:
     model = _load_with_head(args.model, answers, settings.seed)
     processor, train_set, eval_set = _vilt_data(args, model, answers)
     _apply_method(args, model, processor.tokenizer)
-    result = train(model, train_set, settings, eval_dataset=eval_set)
+    result = train(model, train_set, settings, eval_dataset=eval_set, scale=scale, ctx=ctx)
     accuracy = result.evals[-1][1] if result.evals else None
-    save_prompts(model, args.out, overwrite=args.overwrite)
+    if ctx is None or ctx.is_main:
+        save_prompts(model, args.out, overwrite=args.overwrite)
     log.info("summary: %s on %s, %d steps in %.1f s, loss %.4f -> %.4f, eval accuracy %s, saved to %s", args.method,
              args.model, result.steps, result.seconds, result.mean_loss(first=True), result.mean_loss(),
              "n/a" if accuracy is None else f"{accuracy:.4f}", args.out)
@@ -134,8 +174,12 @@ def _vilt_data(args: argparse.Namespace, model: nn.Module, answers: list[str]) -
 
 
 def _apply_method(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> None:
+    import torch
+
     from apt_deploy.methods.apt import APTConfig
     from apt_deploy.tuning import apply_apt, apply_deep_prompt
+
+    torch.manual_seed(args.seed)  # the fresh prompt tensors: a function of --seed (the same on every rank)
 
     config = APTConfig(prompt_len=args.prompt_len, rank=args.rank, cls_token_id=tokenizer.cls_token_id, method=args.method)
     (apply_apt if args.method == "apt" else apply_deep_prompt)(model, config)
