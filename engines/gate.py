@@ -1,0 +1,104 @@
+"""``bench --compare BASE CANDIDATE``: an interleaved A/B in one process with a statistical verdict.
+
+Both artifacts are timed by the one timing core (engines.bench.benchmark -> engines.timing) in paired,
+shuffled rounds. The rounds go on until the bootstrap interval of the p50 of the per-round ratios
+candidate/base is narrow enough (``GateSettings.target_half_width``), or the time budget or the round
+limit is spent (:class:`AdaptiveStop`, also used by the baseline gate). The verdict and the smallest
+detectable regression come from engines.stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from apt_deploy.errors import RegressionError
+from apt_deploy.settings import BenchSettings, GateSettings
+from engines.bench import RunnerFactory, benchmark
+from engines.stats import REGRESSION, assess, paired_ratio
+
+log = logging.getLogger(__name__)
+Times = list[list[float]]
+HalfWidth = Callable[[list[str], Times], float]
+PRECISION, BUDGET, MAX_ROUNDS = "precision reached", "time budget spent", "max iterations reached"
+
+
+class AdaptiveStop:
+    """A ``StopRule`` for engines.bench.benchmark: after ``min_iterations`` rounds, every ``check_every``
+    rounds, ``half_width(names, times)`` is computed; timing stops once it is <= the target, or once
+    ``budget_s`` (on ``clock``) has passed since the first round began. ``reason`` says which."""
+
+    def __init__(self, gate: GateSettings, half_width: HalfWidth, clock: Callable[[], float] | None = None):
+        self.gate, self.half_width, self.clock = gate, half_width, clock or time.perf_counter
+        self.reason, self.checks = MAX_ROUNDS, []
+        self._t0: float | None = None
+
+    def __call__(self, names: list[str], times: Times) -> bool:
+        rounds = len(times[0])
+        if self._t0 is None:
+            self._t0 = self.clock() - sum(t[0] for t in times)  # the first round started before this call
+        if rounds >= self.gate.min_iterations and (rounds - self.gate.min_iterations) % self.gate.check_every == 0:
+            width = self.half_width(names, times)
+            self.checks.append([rounds, round(width, 5)])
+            if width <= self.gate.target_half_width:
+                self.reason = PRECISION
+                return True
+        if self.clock() - self._t0 >= self.gate.budget_s:
+            self.reason = BUDGET
+            return True
+        return False
+
+
+def interim_resamples(gate: GateSettings) -> int:
+    """Fewer resamples for the interim checks (the final interval uses ``gate.resamples``)."""
+    return max(200, gate.resamples // 4)
+
+
+def compare_artifacts(base: str | Path, candidate: str | Path, settings: BenchSettings | None = None,
+                      gate: GateSettings | None = None, factory: RunnerFactory | None = None,
+                      clock: Callable[[], float] | None = None) -> dict[str, Any]:
+    """The bench report of BASE and CANDIDATE (adaptive rounds) with a ``compare`` section: the p50 ratio
+    candidate/base, its interval, the verdict against ``gate.max_regression`` and the detectable slowdown."""
+    settings, gate = settings or BenchSettings(), gate or GateSettings()
+    settings = replace(settings, iterations=gate.max_iterations, peers=())
+    clock = clock or time.perf_counter
+
+    def width(_names: list[str], times: Times) -> float:
+        return paired_ratio(times[0], times[1], 0.5, gate.confidence, interim_resamples(gate), settings.seed).half_width
+
+    stop = AdaptiveStop(gate, width, clock)
+    report = benchmark([base, candidate], settings, factory, clock, stop=stop)
+    a, b = report["artifacts"]
+    estimate = paired_ratio(a["times_ms"], b["times_ms"], 0.5, gate.confidence, gate.resamples, settings.seed)
+    report["compare"] = {"base": a["name"], "candidate": b["name"], **assess(estimate, gate.max_regression),
+                         "ratio_of_p50s": b["stats"]["p50_ms"] / a["stats"]["p50_ms"], "rounds": len(a["times_ms"]),
+                         "stopped_because": stop.reason, "checks": stop.checks, "gate": asdict(gate)}
+    log.info("compare: %s", format_compare(report))
+    return report
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    """Two lines: the ratio with its interval and the verdict, then the precision the run reached."""
+    c = report["compare"]
+    return (f"{c['verdict'].upper()}: p50 of {c['candidate']!r} / {c['base']!r} = {c['ratio']:.4f} "
+            f"({c['confidence']:.0%} CI {c['low']:.4f} .. {c['high']:.4f}; allowed +{c['max_regression']:.1%})\n"
+            f"{c['rounds']} paired rounds in {report['timing_s']:.1f} s ({c['stopped_because']}); CI half-width "
+            f"{c['half_width']:.2%}; smallest regression this run could detect (power {c['power']:.0%}): "
+            f"+{c['min_detectable_regression']:.1%}; other processes used "
+            f"{report['load']['other_processes_cores']:.2f} cores")
+
+
+def gate_compare(report: dict[str, Any]) -> None:
+    """RegressionError when the verdict is a regression beyond the allowed slowdown."""
+    c = report["compare"]
+    if c["verdict"] == REGRESSION:
+        raise RegressionError(f"latency regression: p50 of {c['candidate']!r} is {c['ratio']:.4f}x that of "
+                              f"{c['base']!r} ({c['confidence']:.0%} CI {c['low']:.4f} .. {c['high']:.4f}, "
+                              f"{c['rounds']} paired rounds)",
+                              f"a CI reaching at most {1 + c['max_regression']:.4f} (--max-regression "
+                              f"{c['max_regression']:.1%})",
+                              "find the slowdown in the candidate, or raise --max-regression if it is intended")

@@ -1,0 +1,118 @@
+"""Confidence intervals on latency ratios and the regression verdict (numpy only, seeded, no torch).
+
+Two estimators, one verdict rule:
+
+- ``paired_ratio`` (``bench --compare``): both artifacts were timed in the same rounds, so the ratio
+  candidate/base is taken per round and its quantile (the p50 by default) is the estimate. The
+  bootstrap resamples whole rounds, which keeps the pairing: machine-wide drift that hits both
+  artifacts in a round cancels in the ratio.
+- ``two_sample_ratio`` (``bench --baseline``): the stored times and this run's times are independent
+  samples; the estimate is quantile(current) / quantile(baseline) and the bootstrap resamples each
+  sample on its own. Drift between the two sessions (other load, thermal state, a library update) is
+  *not* in the interval: a cross-run comparison carries it on top.
+
+The verdict against an allowed slowdown m: ``regression`` when the whole interval lies above 1 + m,
+``no regression`` when it lies at or below 1 + m, else ``inconclusive``. ``min_detectable`` is the
+smallest slowdown such a run flags as a regression with probability ``POWER`` (normal approximation
+of the interval): m + half_width * (z_conf + z_power) / z_conf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from apt_deploy.errors import ConfigError
+
+POWER = 0.8
+REGRESSION, NO_REGRESSION, INCONCLUSIVE = "regression", "no regression", "inconclusive"
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """A ratio candidate/base of a latency quantile with its bootstrap percentile interval."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    quantile: float
+    method: str
+    n_base: int
+    n_candidate: int
+    resamples: int
+
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width, in ratio units (0.01 = +-1 %)."""
+        return (self.high - self.low) / 2.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "half_width": self.half_width}
+
+
+def _interval(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _as_array(x: Sequence[float], what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1 or arr.size < 2 or not np.all(arr > 0):
+        raise ConfigError(f"{what}: {arr.size} time(s), not all positive", ">= 2 positive per-iteration times",
+                          "time more iterations (--min-iterations / --iterations), or re-record the baseline")
+    return arr
+
+
+def paired_ratio(base: Sequence[float], candidate: Sequence[float], quantile: float = 0.5,
+                 confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> RatioEstimate:
+    """Quantile of the per-round ratios candidate[r] / base[r], rounds resampled together."""
+    a, b = _as_array(base, "base"), _as_array(candidate, "candidate")
+    if a.size != b.size:
+        raise ConfigError(f"paired times: {a.size} base vs {b.size} candidate values", "one value per round each",
+                          "pass times from the same interleaved rounds")
+    ratios = b / a
+    idx = np.random.default_rng(seed).integers(0, ratios.size, size=(resamples, ratios.size))
+    boot = np.quantile(ratios[idx], quantile, axis=1)
+    low, high = _interval(boot, confidence)
+    return RatioEstimate(float(np.quantile(ratios, quantile)), low, high, confidence, quantile,
+                         "paired: quantile of per-round ratios, rounds bootstrapped", a.size, b.size, resamples)
+
+
+def two_sample_ratio(base: Sequence[float], candidate: Sequence[float], quantile: float = 0.5,
+                     confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> RatioEstimate:
+    """quantile(candidate) / quantile(base), each sample bootstrapped independently."""
+    a, b = _as_array(base, "base"), _as_array(candidate, "candidate")
+    rng = np.random.default_rng(seed)
+    qa = np.quantile(a[rng.integers(0, a.size, size=(resamples, a.size))], quantile, axis=1)
+    qb = np.quantile(b[rng.integers(0, b.size, size=(resamples, b.size))], quantile, axis=1)
+    low, high = _interval(qb / qa, confidence)
+    return RatioEstimate(float(np.quantile(b, quantile) / np.quantile(a, quantile)), low, high, confidence, quantile,
+                         "two-sample: ratio of quantiles, each sample bootstrapped", a.size, b.size, resamples)
+
+
+def verdict(estimate: RatioEstimate, max_regression: float) -> str:
+    """``regression`` / ``no regression`` / ``inconclusive`` against an allowed slowdown (0.02 = 2 %)."""
+    limit = 1.0 + max_regression
+    if estimate.low > limit:
+        return REGRESSION
+    if estimate.high <= limit:
+        return NO_REGRESSION
+    return INCONCLUSIVE
+
+
+def min_detectable(estimate: RatioEstimate, max_regression: float, power: float = POWER) -> float:
+    """The smallest slowdown (fraction) a run this precise flags as a regression with probability ``power``."""
+    z_conf = NormalDist().inv_cdf(0.5 + estimate.confidence / 2.0)
+    return max_regression + estimate.half_width * (z_conf + NormalDist().inv_cdf(power)) / z_conf
+
+
+def assess(estimate: RatioEstimate, max_regression: float) -> dict[str, Any]:
+    """The estimate, verdict and minimum detectable slowdown as one JSON-ready dict."""
+    return {**estimate.to_json(), "verdict": verdict(estimate, max_regression), "max_regression": max_regression,
+            "min_detectable_regression": min_detectable(estimate, max_regression), "power": POWER}
