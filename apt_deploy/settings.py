@@ -143,7 +143,7 @@ class GateSettings:
     confidence: float = 0.95
     resamples: int = 2000  # bootstrap resamples
     target_half_width: float = 0.01  # stop once the CI is +-1 % wide
-    budget_s: float = 60.0  # timing seconds at most (loading and warm-up not counted)
+    budget_s: float = 30.0  # timing seconds at most (loading and warm-up not counted)
     min_iterations: int = 20
     max_iterations: int = 5000
     check_every: int = 10  # rounds between interval checks

@@ -4,7 +4,7 @@ Two estimators, one verdict rule:
 
 - ``paired_ratio`` (``bench --compare``): both artifacts were timed in the same rounds, so the ratio
   candidate/base is taken per round and its quantile (the p50 by default) is the estimate. The
-  bootstrap resamples whole rounds, which keeps the pairing: machine-wide drift that hits both
+  bootstrap resamples whole rounds (in blocks of consecutive rounds), which keeps the pairing: machine-wide drift that hits both
   artifacts in a round cancels in the ratio.
 - ``two_sample_ratio`` (``bench --baseline``): the stored times and this run's times are independent
   samples; the estimate is quantile(current) / quantile(baseline) and the bootstrap resamples each
@@ -69,6 +69,14 @@ def _as_array(x: Sequence[float], what: str) -> np.ndarray:
     return arr
 
 
+def block_indices(rng: np.random.Generator, n: int, resamples: int, block: int | None = None) -> np.ndarray:
+    """Circular block bootstrap indices (resamples x n): runs of ``block`` consecutive rounds (default
+    ceil(n ** (1/3))), so load bursts that span several rounds widen the interval instead of hiding in it."""
+    block = block or int(np.ceil(n ** (1.0 / 3.0)))
+    starts = rng.integers(0, n, size=(resamples, -(-n // block)))
+    return ((starts[:, :, None] + np.arange(block)) % n).reshape(resamples, -1)[:, :n]
+
+
 def paired_ratio(base: Sequence[float], candidate: Sequence[float], quantile: float = 0.5,
                  confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> RatioEstimate:
     """Quantile of the per-round ratios candidate[r] / base[r], rounds resampled together."""
@@ -77,11 +85,10 @@ def paired_ratio(base: Sequence[float], candidate: Sequence[float], quantile: fl
         raise ConfigError(f"paired times: {a.size} base vs {b.size} candidate values", "one value per round each",
                           "pass times from the same interleaved rounds")
     ratios = b / a
-    idx = np.random.default_rng(seed).integers(0, ratios.size, size=(resamples, ratios.size))
-    boot = np.quantile(ratios[idx], quantile, axis=1)
+    boot = np.quantile(ratios[block_indices(np.random.default_rng(seed), ratios.size, resamples)], quantile, axis=1)
     low, high = _interval(boot, confidence)
     return RatioEstimate(float(np.quantile(ratios, quantile)), low, high, confidence, quantile,
-                         "paired: quantile of per-round ratios, rounds bootstrapped", a.size, b.size, resamples)
+                         "paired: quantile of per-round ratios, circular block bootstrap over rounds", a.size, b.size, resamples)
 
 
 def two_sample_ratio(base: Sequence[float], candidate: Sequence[float], quantile: float = 0.5,
@@ -89,11 +96,11 @@ def two_sample_ratio(base: Sequence[float], candidate: Sequence[float], quantile
     """quantile(candidate) / quantile(base), each sample bootstrapped independently."""
     a, b = _as_array(base, "base"), _as_array(candidate, "candidate")
     rng = np.random.default_rng(seed)
-    qa = np.quantile(a[rng.integers(0, a.size, size=(resamples, a.size))], quantile, axis=1)
-    qb = np.quantile(b[rng.integers(0, b.size, size=(resamples, b.size))], quantile, axis=1)
+    qa = np.quantile(a[block_indices(rng, a.size, resamples)], quantile, axis=1)
+    qb = np.quantile(b[block_indices(rng, b.size, resamples)], quantile, axis=1)
     low, high = _interval(qb / qa, confidence)
     return RatioEstimate(float(np.quantile(b, quantile) / np.quantile(a, quantile)), low, high, confidence, quantile,
-                         "two-sample: ratio of quantiles, each sample bootstrapped", a.size, b.size, resamples)
+                         "two-sample: ratio of quantiles, each sample block-bootstrapped on its own", a.size, b.size, resamples)
 
 
 def verdict(estimate: RatioEstimate, max_regression: float) -> str:

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--confidence", default="95%", metavar="PCT", help="confidence of the interval (default 95%%)")
     r.add_argument("--target-ci", default="1%", metavar="PCT", help="stop timing once the CI half-width is at most "
                    "this (default 1%%)")
-    r.add_argument("--budget", type=float, default=60.0, metavar="S", help="stop timing after S seconds (default 60)")
+    r.add_argument("--budget", type=float, default=30.0, metavar="S", help="stop timing after S seconds (default 30)")
     r.add_argument("--min-iterations", type=int, default=20, help="rounds before the first CI check (default 20)")
     r.add_argument("--max-iterations", type=int, default=5000, help="rounds at most (default 5000)")
     r.add_argument("--save-baseline", default=None, metavar="FILE", help="write this run (raw times) as a baseline "
