@@ -147,15 +147,16 @@ class GateSettings:
     min_iterations: int = 20
     max_iterations: int = 5000
     check_every: int = 10  # rounds between interval checks
+    sessions: int = 3  # sessions per artifact (--compare): a whole session can be a few % fast or slow
 
     def __post_init__(self) -> None:
         from apt_deploy.errors import ConfigError
 
         if not (0 < self.confidence < 1 and self.resamples >= 100 and self.target_half_width > 0 and self.budget_s > 0
-                and 2 <= self.min_iterations <= self.max_iterations and self.check_every >= 1
+                and 2 <= self.min_iterations <= self.max_iterations and self.check_every >= 1 and self.sessions >= 1
                 and self.max_regression >= 0 and self.max_regression_p99 >= 0):
             raise ConfigError(f"gate settings {self}", "0 < confidence < 1, resamples >= 100, target CI > 0, budget > 0, "
-                              "2 <= min_iterations <= max_iterations, check_every >= 1, thresholds >= 0",
+                              "2 <= min_iterations <= max_iterations, check_every >= 1, sessions >= 1, thresholds >= 0",
                               "fix --confidence / --target-ci / --budget / --min-iterations / --max-iterations")
 
 

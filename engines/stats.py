@@ -91,6 +91,32 @@ def paired_ratio(base: Sequence[float], candidate: Sequence[float], quantile: fl
                          "paired: quantile of per-round ratios, circular block bootstrap over rounds", a.size, b.size, resamples)
 
 
+def replicated_ratio(base: Sequence[Sequence[float]], candidate: Sequence[Sequence[float]], quantile: float = 0.5,
+                     confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> RatioEstimate:
+    """Paired rounds over several sessions per side (``base[k][r]``: session k, round r). Per round, the mean
+    over the candidate's sessions divided by the mean over the base's; the estimate is that ratio's quantile.
+    The bootstrap resamples sessions (each side, with replacement) and blocks of rounds, so a session that
+    happens to be fast or slow as a whole (memory layout, its threads' scheduling) widens the interval
+    instead of biasing it. One session per side is ``paired_ratio``."""
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] < 2 or not (np.all(a > 0) and np.all(b > 0)):
+        raise ConfigError(f"times of shapes {a.shape} and {b.shape}", "sessions x rounds, the same rounds, >= 2 rounds",
+                          "pass the times of the same interleaved rounds")
+    rng, n = np.random.default_rng(seed), a.shape[1]
+    rounds = block_indices(rng, n, resamples)[:, None, :]
+
+    def side(x: np.ndarray) -> np.ndarray:
+        sessions = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))
+        return np.take_along_axis(x[sessions], np.broadcast_to(rounds, (resamples, x.shape[0], n)), axis=2).mean(axis=1)
+
+    boot = np.quantile(side(b) / side(a), quantile, axis=1)
+    low, high = _interval(boot, confidence)
+    ratio = float(np.quantile(b.mean(axis=0) / a.mean(axis=0), quantile))
+    return RatioEstimate(ratio, low, high, confidence, quantile,
+                         f"paired over {a.shape[0]}+{b.shape[0]} sessions: quantile of per-round ratios of session means; "
+                         "sessions and blocks of rounds bootstrapped", int(a.size), int(b.size), resamples)
+
+
 def two_sample_ratio(base: Sequence[float], candidate: Sequence[float], quantile: float = 0.5,
                      confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> RatioEstimate:
     """quantile(candidate) / quantile(base), each sample bootstrapped independently."""

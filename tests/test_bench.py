@@ -27,7 +27,7 @@ from apt_deploy.settings import BenchSettings, GateSettings
 from engines.bench import benchmark, build_feed, load_artifacts
 from engines.gate import compare_artifacts, gate_compare
 from engines.runners import BACKENDS, CallableRunner
-from engines.stats import paired_ratio
+from engines.stats import paired_ratio, replicated_ratio
 from engines.timing import round_orders, time_interleaved
 
 
@@ -183,6 +183,20 @@ def test_planted_order_bias_is_not_reproduced_once_the_order_is_shuffled():
     assert shuffled.low < 1.0 < shuffled.high < 1.1  # equal within noise, and the planted bias is excluded
 
 
+def test_a_whole_session_being_slower_widens_the_interval_instead_of_deciding_it():
+    """Identical artifacts, but each ORT session has its own speed (seen here: up to +-6 %). One session per side
+    turns that into a confident, wrong ratio; three per side, resampled, give an interval that contains 1."""
+    rng = np.random.default_rng(0)
+    speed_a, speed_b = np.array([1.06, 0.97, 1.0]), np.array([1.0, 1.03, 0.96])
+    a = 30e-3 * speed_a[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
+    b = 30e-3 * speed_b[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
+    one = paired_ratio(a[0], b[0])
+    assert one.high < 0.97  # one session each: "the candidate is 6 % faster"
+    three = replicated_ratio(a, b)
+    assert three.low < 1.0 < three.high and three.half_width > one.half_width
+    assert replicated_ratio(a[:1], b[:1]).ratio == pytest.approx(one.ratio)
+
+
 def test_round_orders_are_seeded_permutations():
     orders = round_orders(3, 60, seed=1)
     assert orders == round_orders(3, 60, seed=1) != round_orders(3, 60, seed=2)
@@ -213,7 +227,8 @@ def test_identical_real_artifacts_compare_equal_within_noise(artifacts, tmp_path
                "--max-regression", "20%", "--json", str(out)])
     stdout = capsys.readouterr().out
     c = json.loads(out.read_text())["compare"]
-    assert rc == 0 and c["verdict"] != "regression" and c["base"] == "apt" and c["candidate"] == "apt#2"
+    assert rc == 0 and c["verdict"] != "regression" and c["base"] == c["candidate"] == "apt"
+    assert len(c["sessions"]["base"]) == len(c["sessions"]["candidate"]) == 3
     assert "paired rounds" in stdout and "smallest regression this run could detect" in stdout
     assert json.loads(out.read_text())["settings"]["spinning"] is False
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from apt_deploy.fileio import write_json_atomic
-from apt_deploy.manifest import MODEL_NAME, now_iso, read_manifest, write_manifest
+from apt_deploy.manifest import MANIFEST_NAME, MODEL_NAME, now_iso, read_manifest, write_manifest
 from apt_deploy.settings import BenchSettings, GateSettings
 from engines.gate import compare_artifacts
 from engines.machine import OtherLoadMeter, load_average
@@ -41,6 +41,8 @@ def export_base(workdir: Path) -> Path:
     from apt_deploy.settings import ExportSettings
     from exporters.onnx_export import export_artifact
 
+    if (workdir / "base" / MANIFEST_NAME).is_file():
+        return workdir / "base"  # reused: the same seeded model
     model = get_backbone("vilt").build_tiny(seed=0, **MODEL)
     return export_artifact(model, workdir / "base", ExportSettings(batch_max=2, overwrite=True),
                            source={"variant": "gate_experiment_base"})
