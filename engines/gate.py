@@ -2,7 +2,7 @@
 
 Each artifact gets ``GateSettings.sessions`` ONNX Runtime sessions, created in a seeded random order: on a
 loaded machine a whole session can run a few % faster or slower than an identical one (seen here: up to
-±6 % between sessions of the same file), so one session per side would turn that into a false verdict.
+2 to 8 % between sessions of the same file), so one session per side would turn that into a false verdict.
 All sessions are timed by the one timing core (engines.bench.benchmark -> engines.timing) in paired,
 shuffled rounds. The rounds go on until the bootstrap interval (sessions and blocks of rounds resampled,
 engines.stats.replicated_ratio) of the p50 of the per-round ratios candidate/base is narrow enough (``GateSettings.target_half_width``), or the time budget or the round

@@ -184,7 +184,7 @@ def test_planted_order_bias_is_not_reproduced_once_the_order_is_shuffled():
 
 
 def test_a_whole_session_being_slower_widens_the_interval_instead_of_deciding_it():
-    """Identical artifacts, but each ORT session has its own speed (seen here: up to +-6 %). One session per side
+    """Identical artifacts, but each ORT session has its own speed (seen here: 2 to 8 %). One session per side
     turns that into a confident, wrong ratio; three per side, resampled, give an interval that contains 1."""
     rng = np.random.default_rng(0)
     speed_a, speed_b = np.array([1.06, 0.97, 1.0]), np.array([1.0, 1.03, 0.96])
