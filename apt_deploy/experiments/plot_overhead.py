@@ -60,7 +60,9 @@ def variants_panel(ax: Any, group: dict[str, Any]) -> None:
     colors = ["tab:orange" if "@torch" in a["name"] else "tab:blue" for a in rows]
     ax.barh(names[::-1], [a["stats"]["p50_ms"] for a in rows][::-1], color=colors[::-1])
     ax.set_xlabel("p50 ms (blue: ONNX Runtime, orange: PyTorch eager)")
-    ax.set_title(f"variants, p = 200, 384 px{_harness_tag(group)}", fontsize=10)
+    load = group["report"]["load"]["other_processes_cores"]
+    ax.set_title(f"variants, p = 200, 384 px{_harness_tag(group)}\nother processes used {load:.2f} cores while timing",
+                 fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
 
 
@@ -77,10 +79,10 @@ def plot(results: dict[str, Any], out: Path) -> Path:
           f"overhead vs p (384 px, n = 185){_harness_tag(groups['prompt_len'])}")
     panel(right, groups["image_size"]["rows"], "tokens", "sequence length n (40 text + image tokens)",
           f"overhead vs n (224/384/512 px, p = 200){_harness_tag(groups['image_size'])}")
-    machine = groups["variants"]["report"]["machine"]
+    cpus = {name: g["report"]["machine"]["cpu_model"] for name, g in groups.items() if name in ("variants", "prompt_len")}
     cfg = results["vilt_config"]
-    fig.suptitle(f"ViLT (d={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) on ONNX Runtime CPU ({machine['cpu_model']}, {machine['usable_cores']} cores), batch 1",
-                 fontsize=10)
+    fig.suptitle(f"ViLT (d={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) on ONNX Runtime CPU, 2 threads, batch 1; "
+                 f"variants on {cpus['variants']}, sweeps on {cpus['prompt_len']}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
