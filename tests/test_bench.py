@@ -378,3 +378,15 @@ def test_flop_model_matches_the_spec_floor():
     assert predicted_overhead(s, 384, "deep_prompt", "folded", 200) == pytest.approx(apt)
     assert predicted_overhead(s, 384, "deep_prompt", "training", 200) > 1.0  # the naive form more than doubles
     assert predicted_overhead(s, 384, "apt", "folded", 400) == pytest.approx(2 * apt)
+
+
+def test_planted_slowdown_adds_work_but_changes_no_output(artifacts, tmp_path):
+    """The gate experiment's graph edit (apt_deploy.experiments.gate_experiment): more nodes, same outputs."""
+    import onnx
+
+    from apt_deploy.experiments.gate_experiment import plant_slowdown, same_outputs
+
+    planted = plant_slowdown(artifacts["base"], tmp_path / "planted", steps=3)
+    before, after = (len(onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node)
+                     for d in (artifacts["base"], planted))
+    assert after == before + 3 + 4 and same_outputs(artifacts["base"], planted) == 0.0
