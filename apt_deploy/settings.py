@@ -116,8 +116,11 @@ class BenchSettings:
     batch: int = 1
     iterations: int = 30
     warmup: int = 3
-    threads: int | None = None
-    seed: int = 0
+    threads: int | None = None  # None: the physical cores (resolved by engines.bench), for ORT and torch alike
+    seed: int = 0  # the inputs and the per-round order
+    shuffle: bool = True  # a seeded random order per round (False: the rotation A B C, B C A, ...)
+    spinning: bool = False  # ONNX Runtime threads may busy-wait after a run (steals cores from the next path)
+    peers: tuple[str, ...] = ()  # PyTorch peers timed beside each artifact: torch-eager, torch-compile
 
     def __post_init__(self) -> None:
         from apt_deploy.errors import ConfigError
@@ -126,6 +129,35 @@ class BenchSettings:
             raise ConfigError(f"batch={self.batch}, iterations={self.iterations}, warmup={self.warmup}, "
                               f"threads={self.threads}", "batch >= 1, iterations >= 1, warmup >= 0, threads >= 1",
                               "fix --batch / --iterations / --warmup / --threads")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The statistical latency gate (``bench --compare`` and ``--baseline``; engines.stats, docs/benchmarks.md).
+
+    Timing stops at the first check where the interval's half-width is <= ``target_half_width`` (after
+    ``min_iterations`` rounds), or when ``budget_s`` of timing or ``max_iterations`` rounds are spent."""
+
+    max_regression: float = 0.02  # regression: the whole CI of the p50 ratio above 1 + this
+    max_regression_p99: float = 0.10  # the same for p99 (--baseline only)
+    confidence: float = 0.95
+    resamples: int = 2000  # bootstrap resamples
+    target_half_width: float = 0.01  # stop once the CI is +-1 % wide
+    budget_s: float = 30.0  # timing seconds at most (loading and warm-up not counted)
+    min_iterations: int = 20
+    max_iterations: int = 5000
+    check_every: int = 10  # rounds between interval checks
+    sessions: int = 3  # sessions per artifact (--compare): a whole session can be a few % fast or slow
+
+    def __post_init__(self) -> None:
+        from apt_deploy.errors import ConfigError
+
+        if not (0 < self.confidence < 1 and self.resamples >= 100 and self.target_half_width > 0 and self.budget_s > 0
+                and 2 <= self.min_iterations <= self.max_iterations and self.check_every >= 1 and self.sessions >= 1
+                and self.max_regression >= 0 and self.max_regression_p99 >= 0):
+            raise ConfigError(f"gate settings {self}", "0 < confidence < 1, resamples >= 100, target CI > 0, budget > 0, "
+                              "2 <= min_iterations <= max_iterations, check_every >= 1, sessions >= 1, thresholds >= 0",
+                              "fix --confidence / --target-ci / --budget / --min-iterations / --max-iterations")
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,11 @@ class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over a model file (the function body of the fused op runs unchanged)."""
 
     def __init__(self, model_path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int | None = None, name: str | None = None) -> None:
+                 threads: int | None = None, name: str | None = None, spinning: bool | None = None) -> None:
+        """``spinning=False`` stops ONNX Runtime's intra/inter-op threads from busy-waiting after a run
+        (what interleaved timing needs, engines.bench); None keeps ONNX Runtime's default (they spin)."""
         self.model_path, self.providers, self.threads = Path(model_path), providers, threads
+        self.spinning = spinning
         self.name = name or f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in providers)}]"
         self._session: Any = None
         self._input_names: list[str] = []
@@ -114,10 +117,7 @@ class OnnxRuntimeRunner(Runner):
         if not self.model_path.is_file():
             raise InputPathError(f"ONNX model {str(self.model_path)!r} does not exist", "an exported model.onnx",
                                  "check the path, or write the artifact with apt-deploy export")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = session_options(ort.SessionOptions(), self.threads, self.spinning)
         t0 = time.perf_counter()
         try:
             session = ort.InferenceSession(str(self.model_path), options, providers=list(self.providers))
@@ -157,6 +157,20 @@ class OnnxRuntimeRunner(Runner):
         return dict(zip(self._output_names, outputs))
 
 
+SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
+def session_options(options: Any, threads: int | None, spinning: bool | None) -> Any:
+    """Quiet logging, ``threads`` intra-op threads, and (unless ``spinning`` is None) thread spinning on/off."""
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if spinning is not None:
+        for key in SPIN_KEYS:
+            options.add_session_config_entry(key, "1" if spinning else "0")
+    return options
+
+
 class CallableRunner(Runner):
     """Wraps a Python callable ``feed -> outputs`` (used for PyTorch models and test doubles)."""
 
@@ -181,7 +195,7 @@ def register_backend(name: str) -> Callable[[Callable[..., Runner]], Callable[..
 
 @register_backend("onnxruntime")
 def _ort_backend(artifact_dir: str | Path, **kwargs: Any) -> Runner:
-    return OnnxRuntimeRunner(Path(artifact_dir) / MODEL_NAME, threads=kwargs.get("threads"))
+    return OnnxRuntimeRunner(Path(artifact_dir) / MODEL_NAME, threads=kwargs.get("threads"), spinning=kwargs.get("spinning"))
 
 
 def make_runner(backend: str, artifact_dir: str | Path, **kwargs: Any) -> Runner:

@@ -1,4 +1,11 @@
-"""Interleaved latency timing of several runners in one process (A B A B ...), and summary statistics.
+"""The one timing core: several runners timed interleaved in one process, round by round, and summary statistics.
+
+Every round times each runner once, in an order drawn from a seeded RNG (``shuffle=True``), so no
+runner is systematically first, or systematically right after a particular other runner: effects such
+as one backend's worker threads still spinning while the next one runs average out instead of
+biasing a ratio. Rounds are paired: ``times[i][r]`` and ``times[j][r]`` were measured moments apart,
+which is what engines.stats' paired statistics use. ``stop(times)`` ends the timing early (adaptive
+iteration counts for ``--compare``); ``iterations`` is then the maximum.
 
 Never used in assertions: speed is measured by benchmark commands that write JSON.
 """
@@ -12,27 +19,44 @@ import numpy as np
 
 from engines.runners import Feed, Runner
 
+Times = list[list[float]]
 
-def time_interleaved(runners: Sequence[Runner], feeds: Sequence[Feed], iterations: int, warmup: int = 3,
-                     on_round: Callable[[int], None] | None = None,
-                     clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
-    """Seconds per call for each runner; runner i gets ``feeds[i]``. Order rotates every round so no
-    runner is always first after the others; ``on_round(r)`` runs after round ``r``, outside the timed
-    calls. ``clock`` is injectable so tests can use a fake one."""
+
+def round_orders(n: int, rounds: int, seed: int = 0, shuffle: bool = True) -> list[list[int]]:
+    """The order of each round: a seeded random permutation per round, or (``shuffle=False``) the old
+    rotation A B C, B C A, ... (kept to show the bias it carries)."""
+    if shuffle:
+        rng = np.random.default_rng(seed)
+        return [[int(i) for i in rng.permutation(n)] for _ in range(rounds)]
+    return [[(r + k) % n for k in range(n)] for r in range(rounds)]
+
+
+def warm_up(runners: Sequence[Runner], feeds: Sequence[Feed], warmup: int) -> None:
     for runner, feed in zip(runners, feeds):
         for _ in range(warmup):
             runner.infer(feed)
         runner.synchronize()
-    times: list[list[float]] = [[] for _ in runners]
-    order = list(range(len(runners)))
-    for r in range(iterations):
-        for i in order[r % len(order):] + order[: r % len(order)]:
+
+
+def time_interleaved(runners: Sequence[Runner], feeds: Sequence[Feed], iterations: int, warmup: int = 3,
+                     on_round: Callable[[int], None] | None = None,
+                     clock: Callable[[], float] = time.perf_counter, seed: int = 0, shuffle: bool = True,
+                     stop: Callable[[Times], bool] | None = None) -> Times:
+    """Seconds per call for each runner (runner i gets ``feeds[i]``), one entry per round, at most
+    ``iterations`` rounds. ``on_round(r)`` and ``stop(times)`` run after round ``r``, outside the timed
+    calls; ``clock`` is injectable so tests can use a fake one."""
+    warm_up(runners, feeds, warmup)
+    times: Times = [[] for _ in runners]
+    for r, order in enumerate(round_orders(len(runners), iterations, seed, shuffle)):
+        for i in order:
             t0 = clock()
             runners[i].infer(feeds[i])
             runners[i].synchronize()
             times[i].append(clock() - t0)
         if on_round:
             on_round(r)
+        if stop is not None and stop(times):
+            break
     return times
 
 

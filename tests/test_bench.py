@@ -1,7 +1,8 @@
-"""``apt-deploy bench`` and the latency regression gate.
+"""``apt-deploy bench``, its PyTorch peers, ``--compare`` and the baseline gate.
 
-Speed is never asserted. The gate's own tests use a sleep-injecting test double (CallableRunner) on a
-fake clock, so a planted 10 % slowdown is exactly 10 % and an unchanged run is exactly unchanged.
+Speed is never asserted. The gates' own tests use a sleep-injecting test double (CallableRunner) on a
+fake clock with seeded log-normal noise, so a planted 10 % slowdown is exactly that and every run is
+deterministic; the one real-timing test (A/A) asserts only an interval, at a loose limit.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import numpy as np
 import pytest
 
 import engines.bench
+import engines.gate
 from apt_deploy.cli import main
 from apt_deploy.errors import ConfigError, RegressionError
-from engines import baseline as bl
-from apt_deploy.settings import BenchSettings
+from dataclasses import replace
+
+from apt_deploy.settings import BenchSettings, GateSettings
 from engines.bench import benchmark, build_feed, load_artifacts
+from engines.gate import compare_artifacts, gate_compare
 from engines.runners import BACKENDS, CallableRunner
+from engines.stats import paired_ratio, replicated_ratio
+from engines.timing import round_orders, time_interleaved
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,9 @@ def sleep_double(monkeypatch):
         return CallableRunner(infer, f"sleep[{name}]")
 
     monkeypatch.setitem(BACKENDS, "sleep-double", factory)
-    monkeypatch.setattr(engines.bench, "time", SimpleNamespace(perf_counter=clock))
+    fake_time = SimpleNamespace(perf_counter=clock, monotonic=clock)
+    monkeypatch.setattr(engines.bench, "time", fake_time)
+    monkeypatch.setattr(engines.gate, "time", fake_time)
     return SimpleNamespace(clock=clock, latency=latency)
 
 
@@ -90,7 +98,8 @@ def test_bench_cli_report_and_json(artifacts, tmp_path, capsys):
     assert set(report["load"]) == {"before", "after", "other_processes_cores"} and report["memory_method"]
     base, apt = report["artifacts"]
     assert base["method"] == "none" and apt["method"] == "apt" and apt["fused_op_nodes"] == 2
-    assert base["ratio_p50"] == 1.0 and apt["ratio_p50"] > 0
+    assert base["ratio_p50"] == 1.0 and apt["ratio_p50"] > 0 and "random order" in report["order"]
+    assert report["settings"]["shuffle"] is True and report["settings"]["spinning"] is False
     for a in (base, apt):
         assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_per_s"} <= set(a["stats"])
         assert len(a["times_ms"]) == 8 and a["size"]["onnx_bytes"] > 0 and "peak_rss_delta_mb" in a["memory"]
@@ -109,73 +118,225 @@ def test_inputs_follow_the_manifest(artifacts):
         build_feed(manifest, batch=3)
 
 
-def test_gate_catches_a_planted_10pct_slowdown_and_passes_an_unchanged_one(artifacts, sleep_double):
-    """The API: same CallableRunner double, 30 ms vs 33 ms on the fake clock."""
-    settings, thresholds = BenchSettings(backend="sleep-double", iterations=9, warmup=1), bl.Thresholds(0.05, 0.15)
-    sleep_double.latency.update(base=0.030, apt=0.030)
-    reference = bl.make_baseline(benchmark([artifacts["base"], artifacts["apt"]], settings))
-    same = benchmark([artifacts["base"], artifacts["apt"]], settings)
-    bl.gate(bl.compare(reference, same, thresholds), thresholds)  # unchanged: passes
-    sleep_double.latency["apt"] = 0.033
-    slower = benchmark([artifacts["base"], artifacts["apt"]], settings)
-    with pytest.raises(RegressionError) as e:
-        bl.gate(bl.compare(reference, slower, thresholds), thresholds)
-    assert "p50 of 'apt': baseline 30.000 ms -> now 33.000 ms (+10.0%, allowed +5.0%)" in str(e.value)
-    assert "'base'" not in str(e.value) and "p99" not in str(e.value).split("Expected")[0]
+def noisy(ms: float, seed: int, sigma: float = 0.05):
+    """A latency (s) per call index: ``ms`` times seeded log-normal noise (deterministic, like a real machine)."""
+    rng = np.random.default_rng(seed)
+    draws = ms * 1e-3 * np.exp(rng.normal(0.0, sigma, size=100_000))
+    return lambda call: float(draws[call])
 
 
-def test_cli_gate_exit_codes_save_and_compare(artifacts, sleep_double, tmp_path, capsys):
-    base_file, backend = tmp_path / "baseline.json", ["--backend", "sleep-double"]
-    sleep_double.latency.update(base=0.030, apt=0.030)
-    assert main(_bench(artifacts, *backend, "--save-baseline", str(base_file))) == 0
-    saved = json.loads(base_file.read_text())
-    assert saved["kind"] == "apt-deploy-bench-baseline" and set(saved["key"]) == {"machine", "versions"}
-    assert saved["artifacts"]["apt"]["p50_ms"] == pytest.approx(30.0)
-    assert main(_bench(artifacts, *backend, "--baseline", str(base_file))) == 0
-    assert "latency gate: OK" in capsys.readouterr().out
-    sleep_double.latency["apt"] = 0.033
-    report = tmp_path / "r.json"
-    rc = main(_bench(artifacts, *backend, "--baseline", str(base_file), "--max-regression", "5%",
-                     "--max-regression-p99", "15%", "--json", str(report)))
+GATE = GateSettings(budget_s=1e6, min_iterations=20, max_iterations=2000)
+
+
+def test_compare_flags_a_planted_10pct_slowdown_and_passes_an_unchanged_one(artifacts, sleep_double):
+    """A/B on the fake clock with 5 % log-normal noise: identical -> no regression; +10 % -> regression."""
+    settings = BenchSettings(backend="sleep-double", warmup=1)
+    sleep_double.latency.update(base=noisy(30, 1), apt=noisy(30, 2))
+    same = compare_artifacts(artifacts["base"], artifacts["apt"], settings, GATE)["compare"]
+    assert same["verdict"] == "no regression" and same["low"] < 1.0 < same["high"]
+    assert same["stopped_because"] == "precision reached" and same["half_width"] < 1.1 * GATE.target_half_width  # final CI: more resamples
+    assert 0.02 < same["min_detectable_regression"] < 0.04 and same["rounds"] < GATE.max_iterations
+    sleep_double.latency.update(base=noisy(30, 3), apt=noisy(33, 4))
+    report = compare_artifacts(artifacts["base"], artifacts["apt"], settings, GATE)
+    slower = report["compare"]
+    assert slower["verdict"] == "regression" and slower["low"] > 1.02 and slower["ratio"] == pytest.approx(1.10, abs=0.02)
+    with pytest.raises(RegressionError, match=r"p50 of 'apt' is 1\.\d+x that of 'base'.*Expected: a CI reaching at most 1\.0200"):
+        gate_compare(report)
+
+
+def test_compare_stops_on_its_time_budget_and_says_inconclusive(artifacts, sleep_double):
+    """30 % noise cannot give a +-1 % interval within 2 s of (fake) timing: inconclusive, budget named."""
+    settings = BenchSettings(backend="sleep-double", warmup=1)
+    sleep_double.latency.update(base=noisy(30, 5, 0.3), apt=noisy(31, 6, 0.3))
+    c = compare_artifacts(artifacts["base"], artifacts["apt"], settings, replace(GATE, budget_s=2.0))["compare"]
+    assert c["stopped_because"] == "time budget spent" and c["rounds"] < 40
+    assert c["verdict"] == "inconclusive" and c["min_detectable_regression"] > 0.05
+
+
+def test_planted_order_bias_is_not_reproduced_once_the_order_is_shuffled():
+    """The issue-14 mechanism on a fake clock: within a round, a call right after runner A's is 20 % slower (A's
+    threads still spin). B and C are identical; the old rotation (A B C, B C A, C A B) puts B right after A in
+    two rounds of three and C never, so B looks 20 % slower than C; shuffled per round, the interval of the
+    B/C ratio contains 1."""
+    clock, last = FakeClock(), {"name": None}
+
+    def runner(name: str, ms: float, seed: int) -> CallableRunner:
+        latency = noisy(ms, seed)
+        calls = [0]
+
+        def infer(feed):
+            calls[0] += 1
+            clock.sleep(latency(calls[0]) * (1.2 if last["name"] == "A" else 1.0))
+            last["name"] = name
+            return {}
+
+        return CallableRunner(infer, name)
+
+    def ratio(shuffle: bool):
+        runners = [runner("A", 30, 7), runner("B", 30, 8), runner("C", 30, 9)]
+        times = time_interleaved(runners, [{}] * 3, 300, warmup=1, clock=clock, shuffle=shuffle, seed=0,
+                                 on_round=lambda r: last.update(name=None))  # rounds are apart: threads idle
+        return paired_ratio(times[2], times[1])  # candidate B over base C
+
+    rotated, shuffled = ratio(False), ratio(True)
+    assert rotated.low > 1.1  # the planted bias, reproduced by the fixed order
+    assert shuffled.low < 1.0 < shuffled.high < 1.1  # equal within noise, and the planted bias is excluded
+
+
+def test_a_whole_session_being_slower_widens_the_interval_instead_of_deciding_it():
+    """Identical artifacts, but each ORT session has its own speed (seen here: 2 to 8 %). One session per side
+    turns that into a confident, wrong ratio; three per side, resampled, give an interval that contains 1."""
+    rng = np.random.default_rng(0)
+    speed_a, speed_b = np.array([1.06, 0.97, 1.0]), np.array([1.0, 1.03, 0.96])
+    a = 30e-3 * speed_a[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
+    b = 30e-3 * speed_b[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
+    one = paired_ratio(a[0], b[0])
+    assert one.high < 0.97  # one session each: "the candidate is 6 % faster"
+    three = replicated_ratio(a, b)
+    assert three.low < 1.0 < three.high and three.half_width > one.half_width
+    assert replicated_ratio(a[:1], b[:1]).ratio == pytest.approx(one.ratio)
+
+
+def test_round_orders_are_seeded_permutations():
+    orders = round_orders(3, 60, seed=1)
+    assert orders == round_orders(3, 60, seed=1) != round_orders(3, 60, seed=2)
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert {o[0] for o in orders} == {0, 1, 2} and round_orders(3, 3, shuffle=False) == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+
+
+def test_timing_sessions_do_not_spin(artifacts):
+    """The bench's ONNX Runtime sessions are built with intra/inter-op spinning off (ORT's default is on)."""
+    import onnxruntime as ort
+
+    from engines.bench import Artifact, default_factory
+    from engines.runners import SPIN_KEYS, session_options
+
+    off, on = session_options(ort.SessionOptions(), 2, False), session_options(ort.SessionOptions(), 2, True)
+    assert [off.get_session_config_entry(k) for k in SPIN_KEYS] == ["0", "0"]
+    assert [on.get_session_config_entry(k) for k in SPIN_KEYS] == ["1", "1"] and off.intra_op_num_threads == 2
+    art = Artifact("apt", artifacts["apt"], {})
+    assert default_factory(art, BenchSettings()).spinning is False
+    assert default_factory(art, BenchSettings(spinning=True)).spinning is True
+
+
+def test_identical_real_artifacts_compare_equal_within_noise(artifacts, tmp_path, capsys):
+    """A/A on a real tiny artifact: the same ORT graph first or second per round is not a regression even at a
+    loose 20 % limit (the interval, not a timing threshold; a 2 s budget)."""
+    out = tmp_path / "aa.json"
+    rc = main(["bench", "--compare", str(artifacts["apt"]), str(artifacts["apt"]), "--threads", "1", "--budget", "2",
+               "--max-regression", "20%", "--json", str(out)])
+    stdout = capsys.readouterr().out
+    c = json.loads(out.read_text())["compare"]
+    assert rc == 0 and c["verdict"] != "regression" and c["base"] == c["candidate"] == "apt"
+    assert len(c["sessions"]["base"]) == len(c["sessions"]["candidate"]) == 3
+    assert "paired rounds" in stdout and "smallest regression this run could detect" in stdout
+    assert json.loads(out.read_text())["settings"]["spinning"] is False
+
+
+def test_cli_compare_exit_code(artifacts, sleep_double, tmp_path, capsys):
+    sleep_double.latency.update(base=noisy(30, 10), apt=noisy(33, 11))
+    out = tmp_path / "c.json"
+    rc = main(["bench", "--compare", str(artifacts["base"]), str(artifacts["apt"]), "--backend", "sleep-double",
+               "--json", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "latency regression" in err and "p50 of 'apt'" in err and "30.000 ms -> now 33.000 ms" in err
-    assert json.loads(report.read_text())["regression"]["regressed"] is True  # JSON written before the gate fails
+    assert rc == 2 and "latency regression" in err and "--max-regression 2.0%" in err
+    assert json.loads(out.read_text())["compare"]["verdict"] == "regression"  # written before the gate fails
+    assert main(["bench", "--compare", str(artifacts["base"]), str(artifacts["apt"]), "--backend", "sleep-double",
+                 "--max-regression", "15%"]) == 0
+
+
+def _bench_noisy(artifacts, *extra: str) -> list[str]:
+    return _bench(artifacts, "--backend", "sleep-double", "--iterations", "200", "--budget", "10", *extra)
+
+
+def test_baseline_gate_flags_a_planted_10pct_slowdown(artifacts, sleep_double, tmp_path, capsys):
+    base_file, report = tmp_path / "baseline.json", tmp_path / "r.json"
+    sleep_double.latency.update(base=noisy(30, 12), apt=noisy(30, 13))
+    assert main(_bench_noisy(artifacts, "--save-baseline", str(base_file))) == 0
+    saved = json.loads(base_file.read_text())
+    assert saved["kind"] == "apt-deploy-bench-baseline" and saved["schema_version"] == 2
+    assert len(saved["artifacts"]["apt"]["times_ms"]) == 200 and set(saved["key"]) == {"machine", "versions"}
+    sleep_double.latency.update(base=noisy(30, 14), apt=noisy(30, 15))
+    assert main(_bench_noisy(artifacts, "--baseline", str(base_file))) == 0
+    out = capsys.readouterr().out
+    assert "latency gate: OK" in out and "cross-run comparison" in out
+    sleep_double.latency.update(base=noisy(30, 16), apt=noisy(33, 17))
+    rc = main(_bench_noisy(artifacts, "--baseline", str(base_file), "--json", str(report)))
+    err = capsys.readouterr().err
+    assert rc == 2 and "REGRESSION" in err and "p50 of 'apt'" in err and "'base'" not in err.split("Expected")[0]
+    regression = json.loads(report.read_text())["regression"]
+    assert regression["regressed"] is True and "drift" in regression["note"]
 
 
 def test_p99_has_its_own_threshold(artifacts, sleep_double, tmp_path, capsys):
-    base_file, backend = tmp_path / "baseline.json", ["--backend", "sleep-double"]
-    sleep_double.latency.update(base=0.030, apt=0.030)
-    assert main(_bench(artifacts, *backend, "--save-baseline", str(base_file))) == 0
-    sleep_double.latency["apt"] = lambda call: 0.060 if call % 4 == 0 else 0.030  # a tail, same median
-    assert main(_bench(artifacts, *backend, "--baseline", str(base_file))) == 2
+    base_file = tmp_path / "baseline.json"
+    sleep_double.latency.update(base=noisy(30, 18), apt=noisy(30, 19))
+    assert main(_bench_noisy(artifacts, "--save-baseline", str(base_file))) == 0
+    steady = noisy(30, 20)
+    sleep_double.latency["apt"] = lambda call: 3 * steady(call) if call % 10 == 0 else steady(call)  # a tail
+    assert main(_bench_noisy(artifacts, "--baseline", str(base_file))) == 2
     err = capsys.readouterr().err
     assert "p99 of 'apt'" in err and "p50 of 'apt'" not in err
-    assert main(_bench(artifacts, *backend, "--baseline", str(base_file), "--max-regression-p99", "150%")) == 0
+    assert main(_bench_noisy(artifacts, "--baseline", str(base_file), "--max-regression-p99", "500%")) == 0
 
 
 def test_baseline_from_another_machine_warns_loudly(artifacts, sleep_double, tmp_path, caplog):
-    base_file, backend = tmp_path / "baseline.json", ["--backend", "sleep-double"]
-    sleep_double.latency.update(base=0.030, apt=0.030)
-    assert main(_bench(artifacts, *backend, "--save-baseline", str(base_file))) == 0
+    base_file, report = tmp_path / "baseline.json", tmp_path / "r.json"
+    sleep_double.latency.update(base=noisy(30, 21), apt=noisy(30, 22))
+    assert main(_bench_noisy(artifacts, "--save-baseline", str(base_file))) == 0
     data = json.loads(base_file.read_text())
     data["key"]["machine"] = "Some Other CPU | 64 cores | gpu: none"
     base_file.write_text(json.dumps(data))
-    report = tmp_path / "r.json"
-    assert main(_bench(artifacts, *backend, "--baseline", str(base_file), "--json", str(report))) == 0
+    assert main(_bench_noisy(artifacts, "--baseline", str(base_file), "--json", str(report))) == 0
     assert "BASELINE FROM ANOTHER MACHINE KIND" in caplog.text and "Some Other CPU" in caplog.text
     assert any("ANOTHER MACHINE" in w for w in json.loads(report.read_text())["regression"]["warnings"])
 
 
-def test_real_sleep_double_large_slowdown_is_caught(artifacts):
-    """The same gate on the wall clock, with a 4x planted slowdown (a margin no scheduler jitter closes)."""
-    def double(seconds):
-        return lambda art, settings: CallableRunner(lambda feed: time.sleep(seconds) or {}, art.name)
+def test_a_schema_1_baseline_is_refused_with_the_fix(artifacts, tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"kind": "apt-deploy-bench-baseline", "schema_version": 1}))
+    assert main(["bench", str(artifacts["apt"]), "--baseline", str(old)]) == 2
+    assert "re-record it" in capsys.readouterr().err
 
-    settings, thresholds = BenchSettings(iterations=5, warmup=1), bl.Thresholds()
-    reference = bl.make_baseline(benchmark([artifacts["apt"]], settings, factory=double(0.005)))
-    slower = benchmark([artifacts["apt"]], settings, factory=double(0.020))
-    with pytest.raises(RegressionError, match="p50 of 'apt'"):
-        bl.gate(bl.compare(reference, slower, thresholds), thresholds)
+
+def test_torch_eager_peer_runs_the_artifacts_model_in_the_same_rounds(apt_artifact, capsys, tmp_path):
+    """--peers torch-eager: the model rebuilt from the manifest's sources, timed as an extra row, same threads;
+    its outputs are the ONNX Runtime ones."""
+    import torch
+
+    from apt_deploy.pipeline import load_reference_module
+    from apt_deploy.settings import tolerance
+    from engines.compare import assert_close
+    from engines.runners import make_runner
+    from engines.torch_runner import TorchRunner
+
+    out = tmp_path / "p.json"
+    assert main(["bench", str(apt_artifact), "--peers", "torch-eager", "--iterations", "5", "--warmup", "1",
+                 "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["artifacts"]
+    assert [r["name"] for r in rows] == ["artifact_apt", "artifact_apt@torch-eager"] and torch.get_num_threads() == 1
+    assert rows[1]["runner"] == "torch-eager" and rows[1]["size"] is None and len(rows[1]["times_ms"]) == 5
+    assert "artifact_apt@torch-eager" in capsys.readouterr().out
+    art = load_artifacts([apt_artifact])[0]
+    feed = build_feed(art.manifest, 1)
+    peer = TorchRunner(lambda: load_reference_module(art.manifest), [o["name"] for o in art.manifest["outputs"]])
+    with peer, make_runner("onnxruntime", apt_artifact) as ort_runner:
+        assert_close(peer.infer(feed), ort_runner.infer(feed), tolerance("onnxruntime_vs_torch"), "peer vs ORT")
+
+
+def test_peers_need_a_model_loader_and_a_known_name(artifacts, capsys):
+    with pytest.raises(ConfigError, match="no way to load the PyTorch models"):
+        benchmark([artifacts["apt"]], BenchSettings(peers=("torch-eager",)))
+    assert main(["bench", str(artifacts["apt"]), "--peers", "torch-jit", "--model", "/x"]) == 2
+    assert "Unknown peer 'torch-jit'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_compile_peer(apt_artifact, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["bench", str(apt_artifact), "--peers", "torch-compile", "--iterations", "3", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["artifacts"][1]["name"] == "artifact_apt@torch-compile"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -217,3 +378,15 @@ def test_flop_model_matches_the_spec_floor():
     assert predicted_overhead(s, 384, "deep_prompt", "folded", 200) == pytest.approx(apt)
     assert predicted_overhead(s, 384, "deep_prompt", "training", 200) > 1.0  # the naive form more than doubles
     assert predicted_overhead(s, 384, "apt", "folded", 400) == pytest.approx(2 * apt)
+
+
+def test_planted_slowdown_adds_work_but_changes_no_output(artifacts, tmp_path):
+    """The gate experiment's graph edit (apt_deploy.experiments.gate_experiment): more nodes, same outputs."""
+    import onnx
+
+    from apt_deploy.experiments.gate_experiment import plant_slowdown, same_outputs
+
+    planted = plant_slowdown(artifacts["base"], tmp_path / "planted", steps=3)
+    before, after = (len(onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node)
+                     for d in (artifacts["base"], planted))
+    assert after == before + 3 + 4 and same_outputs(artifacts["base"], planted) == 0.0

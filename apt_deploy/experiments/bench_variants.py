@@ -6,7 +6,8 @@ Runtime against the PyTorch model before anything is timed), times each group in
 ``engines.bench.benchmark`` and writes ``benchmarks/results/vilt_b_variants.json``.
 
 Groups: ``variants`` (base, APT fused op, APT op-free, deep prompt naive, deep prompt prefix-KV at
-p=200, 384 px), ``prompt_len`` (p = 50..400 at 384 px), ``image_size`` (224/384/512 px at p=200).
+p=200, 384 px, plus the PyTorch eager peers: base, APT training form, APT folded; ``--no-peers`` drops
+them), ``prompt_len`` (p = 50..400 at 384 px), ``image_size`` (224/384/512 px at p=200).
 
     python scripts/bench_variants.py --threads 2 --iterations 30 --warmup 3 --keep
 """
@@ -38,6 +39,15 @@ VILT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, int
               num_labels=3129)
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)  # pipeline check only
 RANK, PROMPTS, IMAGES = 4, (50, 100, 200, 400), (224, 384, 512)
+HARNESS = ("engines.bench after issue 14: a seeded shuffled order per round, ONNX Runtime spinning off, torch and ORT "
+           "threads equal")
+OLD_HARNESS = "engines.bench before issue 14: fixed rotation A B C, B C A, ..., ONNX Runtime threads spinning (default)"
+APT_P200 = "apt_fused_p200_384"
+PEERS = {  # row name -> (artifact whose inputs/outputs it shares, which PyTorch form)
+    "base_384@torch-eager": ("base_384", "base"),
+    f"{APT_P200}@torch-eager-training": (APT_P200, "training"),
+    f"{APT_P200}@torch-eager": (APT_P200, "folded"),
+}
 QUIET_CORES = 0.3  # other processes' CPU use under which the machine counts as quiet for timing
 
 
@@ -186,19 +196,54 @@ def wait_for_quiet(max_wait_s: float, window_s: float = 5.0, limit_cores: float 
         log.info("other processes use %.2f cores; waiting for a quieter machine", meter.other_cores)
 
 
+def torch_form(config: dict[str, Any], artifact: str, form: str) -> Any:
+    """The PyTorch model behind an artifact of the variants group as a ReferenceModule (forward(**feed)):
+    the base ViLT, APT in its training form, or APT folded. Rebuilt from the seeded config each time."""
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.folding import fold
+    from apt_deploy.manifest import read_manifest
+    from apt_deploy.pipeline import ReferenceModule
+
+    base = get_backbone("vilt").build_tiny(seed=0, **config)
+    model = base if form == "base" else build(Variant("apt", "fused", 200), base)[0]
+    model = fold(model) if form == "folded" else model
+    outputs = [o["name"] for o in read_manifest(artifact)["outputs"]]
+    return ReferenceModule(model.eval(), outputs)
+
+
+def peer_targets(paths: dict[str, str], config: dict[str, Any], threads: int | None) -> list[Any]:
+    from engines.bench import load_artifacts, peer_target
+
+    out = []
+    for name, (artifact, form) in PEERS.items():
+        art = load_artifacts([paths[artifact]])[0]
+        out.append(peer_target(art, "torch-eager", lambda p=paths[artifact], f=form: torch_form(config, p, f),
+                               threads, name))
+    return out
+
+
+def peer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each PyTorch peer beside the ONNX Runtime path of the same artifact and the ORT base."""
+    p50 = {a["name"]: a["stats"]["p50_ms"] for a in report["artifacts"]}
+    return [{"name": name, "artifact": art, "form": form, "p50_ms": p50[name], "ort_p50_ms": p50[art],
+             "torch_over_ort": p50[name] / p50[art], "over_ort_base": p50[name] / p50["base_384"]}
+            for name, (art, form) in PEERS.items() if name in p50]
+
+
 def bench_group(name: str, group: list[Variant], paths: dict[str, str], settings: BenchSettings,
-                retries: int, shape: VitShape, max_wait_s: float = 0.0) -> dict[str, Any]:
+                retries: int, shape: VitShape, max_wait_s: float = 0.0, extra: list[Any] | None = None) -> dict[str, Any]:
     """Bench one group; re-run (up to ``retries``) when other processes loaded the machine; keep the quietest."""
     best = None
     for attempt in range(retries + 1):
         wait_for_quiet(max_wait_s)
-        report = benchmark([paths[v.name] for v in group], settings)
+        report = benchmark([paths[v.name] for v in group], settings, extra=extra or [])
         log.info("group %s (attempt %d):\n%s", name, attempt + 1, format_table(report))
         if best is None or report["load"]["other_processes_cores"] < best["load"]["other_processes_cores"]:
             best = report
         if report["load"]["other_processes_cores"] <= QUIET_CORES:
             break
-    return {"report": best, "rows": rows(group, best, shape), "attempts": attempt + 1}
+    return {"report": best, "rows": rows(group, best, shape), "peers": peer_rows(best), "attempts": attempt + 1,
+            "harness": HARNESS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine before each group")
     p.add_argument("--merge", action="store_true", help="update only the re-run groups of an existing --out file")
     p.add_argument("--smoke", action="store_true", help="a small hidden size / depth: checks the pipeline in minutes")
+    p.add_argument("--no-peers", action="store_true", help="do not time the PyTorch eager peers in the variants group")
     return p.parse_args(argv)
 
 
@@ -234,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = BenchSettings(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
     paths = {k: e["path"] for k, e in exports.items()}
-    results = {g: bench_group(g, vs, paths, settings, args.retries, shape, args.max_wait) for g, vs in chosen.items()}
+    extra = {"variants": [] if args.no_peers else peer_targets(paths, config, args.threads)}
+    results = {g: bench_group(g, vs, paths, settings, args.retries, shape, args.max_wait, extra.get(g))
+               for g, vs in chosen.items()}
     write_results(args, {"kind": "apt-deploy-bench-variants", "created": now_iso(), "command": sys.argv,
                          "vilt_config": config, "shape": asdict(shape), "rank": RANK,
                          "base_macs": {i: model_macs(shape, i) for i in IMAGES}, "exports": exports, "groups": results})
@@ -251,7 +299,8 @@ def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
         old = read_json(out, "results file", "the JSON an earlier bench_variants run wrote",
                         "fix or delete it, or run without --merge", error=ConfigError)
         merged = {**old, **results, "command": [*old.get("command", []), "&&", *sys.argv]}
-        merged["groups"] = {**old["groups"], **results["groups"]}
+        old_groups = {g: {"harness": OLD_HARNESS, **v} for g, v in old["groups"].items()}
+        merged["groups"] = {**old_groups, **results["groups"]}
         merged["exports"] = {**old["exports"], **results["exports"]}
         results = merged
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,21 +48,41 @@ def panel(ax: Any, rows: list[dict[str, Any]], x_key: str, xlabel: str, title: s
     ax.legend(fontsize=8)
 
 
+def _harness_tag(group: dict[str, Any]) -> str:
+    """Marks a sweep measured with the harness before issue 14 (rotated order, ORT threads spinning)."""
+    return "\n[old harness: rotated order, ORT spinning]" if "before issue 14" in group.get("harness", "before issue 14") else ""
+
+
+def variants_panel(ax: Any, group: dict[str, Any]) -> None:
+    """p50 of every path of the variants group (ONNX Runtime and the PyTorch peers), one bar each."""
+    rows = group["report"]["artifacts"]
+    names = [a["name"].replace("_384", "").replace("_p200", "") for a in rows]
+    colors = ["tab:orange" if "@torch" in a["name"] else "tab:blue" for a in rows]
+    ax.barh(names[::-1], [a["stats"]["p50_ms"] for a in rows][::-1], color=colors[::-1])
+    ax.set_xlabel("p50 ms (blue: ONNX Runtime, orange: PyTorch eager)")
+    load = group["report"]["load"]["other_processes_cores"]
+    ax.set_title(f"variants, p = 200, 384 px{_harness_tag(group)}\nother processes used {load:.2f} cores while timing",
+                 fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+
+
 def plot(results: dict[str, Any], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (bars, left, right) = plt.subplots(1, 3, figsize=(16, 4.6))
     groups = results["groups"]
-    panel(left, groups["prompt_len"]["rows"], "p", "prompt count p", "overhead vs p (384 px, n = 185)")
+    variants_panel(bars, groups["variants"])
+    panel(left, groups["prompt_len"]["rows"], "p", "prompt count p",
+          f"overhead vs p (384 px, n = 185){_harness_tag(groups['prompt_len'])}")
     panel(right, groups["image_size"]["rows"], "tokens", "sequence length n (40 text + image tokens)",
-          "overhead vs n (224/384/512 px, p = 200)")
-    machine = groups["prompt_len"]["report"]["machine"]
+          f"overhead vs n (224/384/512 px, p = 200){_harness_tag(groups['image_size'])}")
+    cpus = {name: g["report"]["machine"]["cpu_model"] for name, g in groups.items() if name in ("variants", "prompt_len")}
     cfg = results["vilt_config"]
-    fig.suptitle(f"ViLT (d={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) on ONNX Runtime CPU ({machine['cpu_model']}, {machine['usable_cores']} cores), batch 1",
-                 fontsize=10)
+    fig.suptitle(f"ViLT (d={cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) on ONNX Runtime CPU, 2 threads, batch 1; "
+                 f"variants on {cpus['variants']}, sweeps on {cpus['prompt_len']}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -80,9 +100,15 @@ def markdown_table(group: dict[str, Any]) -> str:
                      f"{a['stats']['p90_ms']:.1f} | {a['stats']['p99_ms']:.1f} | {100 * r['overhead_measured']:+.1f} % | "
                      f"{100 * r['overhead_predicted']:+.1f} % | {'' if ratio is None else f'{ratio:.2f}x'} | "
                      f"{a['memory']['peak_rss_delta_mb']:.0f} | {a['size']['total_mb']:.0f} |")
+    for r in group.get("peers", []):
+        a = stats[r["name"]]["stats"]
+        lines.append(f"| {r['name']} ({r['form']}) | | | | {a['p50_ms']:.1f} | {a['p90_ms']:.1f} | {a['p99_ms']:.1f} | "
+                     f"{100 * (r['over_ort_base'] - 1):+.1f} % over ORT base; {r['torch_over_ort']:.2f}x its ORT path "
+                     f"| | | {stats[r['name']]['memory']['peak_rss_delta_mb']:.0f} | - |")
     load = group["report"]["load"]
     lines.append(f"\nOther processes used {load['other_processes_cores']:.2f} cores while timing "
-                 f"(load average before {load['before']}, after {load['after']}); attempts: {group['attempts']}.")
+                 f"(load average before {load['before']}, after {load['after']}); attempts: {group['attempts']}. "
+                 f"Harness: {group.get('harness', 'engines.bench before issue 14')}.")
     return "\n".join(lines)
 
 
