@@ -112,7 +112,9 @@ def _latency(base: Path, artifact: Path, settings: DemoSettings) -> dict[str, An
     from engines.timing import ratio_table, summarize, time_interleaved
 
     feed = build_feed(read_manifest(artifact), batch=1)
-    runners = [OnnxRuntimeRunner(base / "model.onnx", name="base"), OnnxRuntimeRunner(artifact / "model.onnx", name="apt")]
+    # no thread spinning, so neither session steals the cores from the next timed call (docs/pitfalls.md)
+    runners = [OnnxRuntimeRunner(base / "model.onnx", name="base", spinning=False),
+               OnnxRuntimeRunner(artifact / "model.onnx", name="apt", spinning=False)]
     with timed_step(f"ONNX Runtime latency, base vs APT interleaved, {settings.latency_iterations} iterations"):
         times = time_interleaved(runners, [feed, feed], settings.latency_iterations, warmup=5)
     stats = {r.name: summarize(t) for r, t in zip(runners, times)}
