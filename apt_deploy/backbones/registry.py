@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type[BackboneSpec]] = {}
 # Modules that register backbones when imported (kept explicit so the registry test can check it).
-BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip")
+BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip",
+                                     "apt_deploy.backbones.meter")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class BackboneSpec:
 
     name: str = ""
     model_classes: tuple[str, ...] = ()
+    # APTConfig fields this family's official recipe sets differently (used when no config is passed)
+    apt_defaults: dict[str, Any] = {}
 
     # --- loading and structure -------------------------------------------------------------
     def load(self, model_dir: str) -> nn.Module:
