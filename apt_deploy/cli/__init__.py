@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.verify",
     "apt_deploy.cli.bench",
     "apt_deploy.cli.build",
+    "apt_deploy.cli.import_",
 )
 
 
