@@ -114,4 +114,4 @@ def test_wrong_format_version(apt_model, tmp_path):
 
 def test_unknown_backbone_lists_known():
     with pytest.raises(UnknownNameError, match="vilt"):
-        ad.get_backbone("meter")
+        ad.get_backbone("not-a-backbone")
