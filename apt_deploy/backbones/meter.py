@@ -115,6 +115,11 @@ class MeterSpec(BackboneSpec):
         return {"head": model.classifier, "pooler.text": model.cross_modal_text_pooler,
                 "pooler.image": model.cross_modal_image_pooler, "embeddings.token_type": model.token_type_embeddings}
 
+    def cross_modal_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The official "cross_modal" group: every trained name containing ``cross_modal`` — the APT modules
+        (inside cross_modal_*_layers) and both poolers — at lr x lr_mult_cross_modal (5)."""
+        return [p for n, p in model.named_parameters() if "cross_modal" in n and p.requires_grad]
+
     # --- export ----------------------------------------------------------------------------
     def input_specs(self, model: nn.Module, shapes: ShapeSettings) -> list[InputSpec]:
         cfg, t = model.config, shapes.text_len

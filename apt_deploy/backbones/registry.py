@@ -143,6 +143,10 @@ class BackboneSpec:
         """Checkpoint prefix -> module whose parameters train besides the method's own."""
         return {}
 
+    def cross_modal_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Trained parameters of the recipe's ``cross_modal`` lr group (TrainSettings.cross_modal_lr_mult; default none)."""
+        return []
+
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""
 
