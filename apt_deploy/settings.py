@@ -107,6 +107,7 @@ BACKBONE_TRAIN_DEFAULTS: dict[str, dict[str, float]] = {
 @dataclass(frozen=True)
 class DemoSettings:
     workdir: str = "apt-deploy-demo"
+    backbone: str = "vilt"  # or "meter" (a tiny random METER; apt-deploy demo --backbone meter)
     steps: int = 1500
     batch_size: int = 32
     num_train: int = 2000

@@ -103,3 +103,53 @@ def test_training_form_equals_folded(base, method):
     torch.testing.assert_close(y, y_folded, atol=tol.atol, rtol=tol.rtol)
     if method == "deep_prompt":
         assert type(folded.cross_modal_text_layers[0].attention.self).__name__ == "PrefixKVSelfAttention"
+
+
+def test_export_verify_and_padded_rows_on_onnx_runtime(base, tmp_path, one_thread, capsys):
+    """apt-deploy export / verify on METER: inputs input_ids, attention_mask, pixel_values; output logits; one
+    fused node per APT module; ONNX Runtime equals PyTorch on a batch of 3 with padded text rows."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    import apt_deploy as ad
+    from apt_deploy.cli import main
+    from apt_deploy.models.meter import save_meter
+    from apt_deploy.pipeline import load_trained
+    from apt_deploy.settings import tolerance
+    from engines.runners import OnnxRuntimeRunner
+    from exporters import fused_op
+
+    save_meter(base, tmp_path / "model")
+    ad.save_prompts(_apt(base)[1], tmp_path / "prompts")
+    art = tmp_path / "art"
+    assert main(["export", "--backbone", "meter", "--model", str(tmp_path / "model"), "--prompts",
+                 str(tmp_path / "prompts"), "--out", str(art), "--batch", "1,3,3", "--text-len", "12"]) == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
+    assert [o["name"] for o in manifest["outputs"]] == ["logits"]
+    assert len(fused_op.fused_nodes(onnx.load(str(art / "model.onnx"), load_external_data=False))) == 8
+    assert main(["verify", str(art)]) == 0 and "verify: OK" in capsys.readouterr().out
+    model = load_trained(tmp_path / "model", tmp_path / "prompts")
+    feed = _feed(model, batch=3, text_len=12, seed=5)
+    assert (feed["attention_mask"].sum(1) < 12).sum() >= 1
+    with torch.no_grad(), OnnxRuntimeRunner(art / "model.onnx") as runner:
+        expected = ad.fold(model)(**feed).logits.numpy()
+        actual = runner.infer({k: v.numpy() for k, v in feed.items()})["logits"]
+    assert np.abs(actual - expected).max() <= tolerance("onnxruntime_vs_torch").atol
+
+
+@pytest.mark.slow
+def test_demo_runs_on_meter(tmp_path, capsys):
+    import json
+
+    from apt_deploy.cli import main
+
+    work = tmp_path / "demo"
+    assert main(["demo", "--backbone", "meter", "--workdir", str(work), "--steps", "20", "--num-train", "64",
+                 "--num-test", "32", "--prompt-len", "8", "--latency-iterations", "3"]) == 0
+    assert "METER, RANDOM INIT" in capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["export"]["fused_nodes"] == 8 and summary["training"]["loss_last"] < summary["training"]["loss_first"]
+    assert main(["verify", str(work / "artifact")]) == 0

@@ -72,15 +72,13 @@ def tiny_roberta_tokenizer(words: Iterable[str] = ()) -> Any:
 
 def load_tokenizer(directory: str | Path, vocab_size: int) -> Any:
     """A local RoBERTa-style tokenizer, checked against the model's vocabulary and METER's pad id 1."""
-    from transformers import AutoTokenizer
-
     d = Path(directory)
     if not d.is_dir() or not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise InputPathError(f"tokenizer directory {str(d)!r} has none of {', '.join(TOKENIZER_FILES)}",
                              "a RoBERTa tokenizer saved with save_pretrained (roberta-base for METER)",
                              "point --tokenizer at a local copy of the roberta-base tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        tok = _tokenizer_class(d).from_pretrained(str(d), local_files_only=True)
     except Exception as e:  # OSError, ValueError, ... from transformers
         raise InputPathError(f"cannot load the tokenizer from {str(d)!r}: {e}", "a tokenizer written by save_pretrained",
                              "re-save it") from e
@@ -88,6 +86,17 @@ def load_tokenizer(directory: str | Path, vocab_size: int) -> Any:
         raise ConfigError(f"tokenizer with {len(tok)} tokens and pad id {tok.pad_token_id}",
                           f"at most the model's {vocab_size} tokens and pad id 1 (RoBERTa)", "pass the roberta-base tokenizer")
     return tok
+
+
+def _tokenizer_class(directory: Path) -> Any:
+    """The class tokenizer_config.json names (AutoTokenizer would read the METER config.json beside it and warn)."""
+    import json
+
+    import transformers
+
+    config = directory / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    return (getattr(transformers, name, None) if name else None) or transformers.AutoTokenizer
 
 
 def load_meter_processor(model_dir: str | Path, vocab_size: int) -> MeterProcessor:
