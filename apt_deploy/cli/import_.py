@@ -1,4 +1,4 @@
-"""``apt-deploy import``: an official checkpoint (METER / APT-METER) -> a model directory apt-deploy
+"""``apt-deploy import``: an official checkpoint (METER / APT-METER, APT-ViLT in the original ViLT key names) -> a model directory apt-deploy
 loads (+ a prompt checkpoint v1 when the checkpoint holds APT tensors)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import logging
 from apt_deploy.errors import UnknownNameError
 
 NAME = "import"
-HELP = ("convert an official METER / APT-METER checkpoint (Lightning .ckpt, .pt/.pth, .safetensors; "
+HELP = ("convert an official METER / APT-METER or APT-ViLT checkpoint (Lightning .ckpt, .pt/.pth, .safetensors; "
         "loaded weights-only) to a model directory, and its APT tensors to a prompt checkpoint")
-IMPORTABLE = ("meter",)
+IMPORTABLE = ("meter", "vilt")
 log = logging.getLogger(__name__)
 
 
@@ -23,10 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-out", metavar="PROMPT_DIR", help="prompt checkpoint to write the APT tensors to "
                         "(required when the checkpoint has them; must not exist)")
     parser.add_argument("--image-size", type=int, help="meter: run resolution; the position table is re-gridded "
-                        "bicubically when it differs from the checkpoint's (a multiple of the patch size)")
+                        "bicubically when it differs from the checkpoint's (a multiple of the patch size); "
+                        "not for vilt, which interpolates at run time")
     parser.add_argument("--tokenizer", metavar="DIR", help="local tokenizer saved next to the weights "
-                        "(meter: roberta-base)")
-    parser.add_argument("--num-labels", type=int, help="meter pre-training checkpoint (no task head): start a "
+                        "(meter: roberta-base; vilt: bert-base-uncased)")
+    parser.add_argument("--num-labels", type=int, help="pre-training checkpoint (no task head): start a "
                         "fresh VQA head with N answers")
     parser.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR / PROMPT_DIR if they exist")
 
@@ -34,10 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.backbone not in IMPORTABLE:
         raise UnknownNameError("backbone for import", args.backbone, IMPORTABLE)
-    from apt_deploy.importers.meter import import_meter
-
-    report = import_meter(args.checkpoint, args.model_out, args.prompts_out, args.image_size, args.tokenizer,
-                          args.num_labels, args.overwrite)
+    if args.backbone == "meter":
+        from apt_deploy.importers.meter import import_meter as convert
+    else:
+        from apt_deploy.importers.vilt import import_vilt as convert
+    report = convert(args.checkpoint, args.model_out, args.prompts_out, args.image_size, args.tokenizer,
+                     args.num_labels, args.overwrite)
     print(f"import: wrote {report['model_out']}" + (f" and {report['prompts_out']} ({report['apt_modules']} APT modules)"
                                                     if report["prompts_out"] else ""))
     if report["dropped"]:
