@@ -153,3 +153,15 @@ def test_demo_runs_on_meter(tmp_path, capsys):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["export"]["fused_nodes"] == 8 and summary["training"]["loss_last"] < summary["training"]["loss_first"]
     assert main(["verify", str(work / "artifact")]) == 0
+
+
+def test_opfree_form_equals_the_fused_fold(base):
+    import apt_deploy as ad
+    from apt_deploy.methods.apt_opfree import fold_opfree
+    from apt_deploy.settings import tolerance
+
+    model = _apt(base)[1]
+    opfree, fused, feed, tol = fold_opfree(model), ad.fold(model), _feed(model), tolerance("training_vs_folded")
+    assert type(opfree.cross_modal_image_layers[1].crossattention).__name__ == "OpFreeMeterAttention"
+    with torch.no_grad():
+        torch.testing.assert_close(opfree(**feed).logits, fused(**feed).logits, atol=tol.atol, rtol=tol.rtol)

@@ -66,6 +66,49 @@ class FoldedSelfOutput(nn.Module):
         return self.LayerNorm(self.dropout(y) + input_tensor)
 
 
+class OpFreeMeterAttention(nn.Module):
+    """APT's op-free form in a METER attention (self or cross): K as p extra output columns of the query
+    projection (it reads the same x_in), V as p extra input rows of ``dense`` fed ``[ctx | w * A]``, then the
+    post-LN. Same y as the fused fold up to fp32 rounding (methods/apt_opfree.py explains the algebra)."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        from apt_deploy.methods.apt_opfree import widened_output, widened_query
+
+        core, host = attention.self, attention.output
+        k, v, scale = host.apt.folded_constants()
+        self.core, self.hidden = core, core.key.out_features
+        self.query, self.dense = widened_query(core.query, k), widened_output(host.dense, v, scale)
+        self.LayerNorm, self.dropout = host.LayerNorm, host.dropout
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        import math
+
+        q, s = self.query(hidden_states).split([self.hidden, self.query.out_features - self.hidden], dim=-1)
+        a = torch.relu(s)
+        context = hidden_states if context is None else context
+        c = self.core
+        scores = c._heads(q) @ c._heads(c.key(context)).transpose(-1, -2) / math.sqrt(c.attention_head_size)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        ctx = (c.dropout(scores.softmax(-1)) @ c._heads(c.value(context))).transpose(1, 2).reshape(hidden_states.shape)
+        y = self.dense(torch.cat([ctx, a.amax(dim=-1, keepdim=True) * a], dim=-1))
+        return self.LayerNorm(self.dropout(y) + hidden_states)
+
+
+def fold_meter_apt_opfree(model: nn.Module, spec: BackboneSpec) -> int:
+    """Fold pass: every METER attention whose self-output hosts APT -> :class:`OpFreeMeterAttention`."""
+    folded = 0
+    for stream in STREAMS:
+        for layer in _layers(model, stream):
+            for attr in ("attention", "crossattention"):
+                if isinstance(getattr(layer, attr).output, APTSelfOutput):
+                    setattr(layer, attr, OpFreeMeterAttention(getattr(layer, attr)))
+                    folded += 1
+    return folded
+
+
 def _layers(model: nn.Module, stream: str) -> nn.ModuleList:
     return getattr(model, f"cross_modal_{stream}_layers")
 
@@ -101,6 +144,9 @@ class MeterSpec(BackboneSpec):
     def deep_prompt_host(self, layer: nn.Module) -> tuple[nn.Module, str, nn.Module]:
         """(parent of the self-attention core, its attribute, identity: post-LN, the prompt enters un-normalised)."""
         return layer.attention, "self", nn.Identity()
+
+    def opfree_fold_pass(self):
+        return fold_meter_apt_opfree
 
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """token4classifier = RoBERTa's embedding output of the single token ``cls_token_id`` (official init)."""

@@ -147,6 +147,10 @@ class BackboneSpec:
         """Trained parameters of the recipe's ``cross_modal`` lr group (TrainSettings.cross_modal_lr_mult; default none)."""
         return []
 
+    def opfree_fold_pass(self) -> Callable[[nn.Module, BackboneSpec], int] | None:
+        """The fold pass of APT's op-free form for this family (None: the BERT/ViLT pass in methods/apt_opfree.py)."""
+        return None
+
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""
 
