@@ -276,3 +276,15 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, message
     assert not (tmp_path / "model").exists()
     assert case == "prompts_exist" or not (tmp_path / "prompts").exists()
     assert not (tmp_path / "pwned").exists()  # the pickled command never ran
+
+
+def test_pretraining_checkpoint_needs_num_labels_and_gets_a_fresh_head(tmp_path, capsys):
+    from apt_deploy.backbones import get_backbone
+
+    sd = {k: v for k, v in official_state(apt=False).items() if not k.startswith("vqa_classifier.")}
+    sd["itm_score.fc.weight"] = torch.zeros(2, 2 * H)
+    torch.save({"state_dict": sd}, tmp_path / "pretrain.ckpt")
+    argv = ["import", "--backbone", "meter", "--checkpoint", str(tmp_path / "pretrain.ckpt"), "--model-out", str(tmp_path / "m")]
+    assert main(argv) == 2 and "no task head" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main([*argv, "--num-labels", "7"]) == 0 and "itm_score.fc.weight" in capsys.readouterr().out
+    assert get_backbone("meter").load(str(tmp_path / "m")).config.num_labels == 7

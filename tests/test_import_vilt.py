@@ -139,3 +139,16 @@ def test_bad_vilt_input_exits_2_and_writes_nothing(case, message, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and "Fix:" in err
     assert not (tmp_path / "model").exists() and not (tmp_path / "prompts").exists()
+
+
+def test_vilt_pretraining_checkpoint_gets_a_fresh_head_with_num_labels(tmp_path, capsys):
+    from apt_deploy.backbones import get_backbone
+
+    sd = {k: v for k, v in official_state().items() if not k.startswith(("vqa_classifier.", "token4classifier"))
+          and ".APT." not in k}
+    sd["itm_score.fc.weight"] = torch.zeros(2, D)
+    torch.save(sd, tmp_path / "pretrain.pt")
+    argv = ["import", "--backbone", "vilt", "--checkpoint", str(tmp_path / "pretrain.pt"), "--model-out", str(tmp_path / "m")]
+    assert main(argv) == 2 and "no vqa_classifier" in capsys.readouterr().err
+    assert main([*argv, "--num-labels", "5"]) == 0
+    assert get_backbone("vilt").load(str(tmp_path / "m")).config.num_labels == 5
