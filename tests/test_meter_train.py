@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from apt_deploy.cli import main
 from apt_deploy.data.synthetic_vqa import ANSWERS, COLORS, render
