@@ -28,8 +28,11 @@ from apt_deploy.settings import BenchSettings
 
 log = logging.getLogger("bench_meter")
 RANK, PROMPTS, TEXT_LEN, IMAGE = 4, 200, 50, 384
+# The naive deep-prompt form (training form, p tokens through every cross layer) is left out: its dynamo
+# export specialises the batch and fails ONNX Runtime validation at batch 2 (docs/pitfalls.md, "METER").
+# Its MAC prediction is still reported (extra_macs / docs/meter.md).
 VARIANTS = [Variant("none", "base", 0, IMAGE), Variant("apt", "fused", PROMPTS, IMAGE), Variant("apt", "opfree", PROMPTS, IMAGE),
-            Variant("deep_prompt", "naive", PROMPTS, IMAGE), Variant("deep_prompt", "prefix", PROMPTS, IMAGE)]
+            Variant("deep_prompt", "prefix", PROMPTS, IMAGE)]
 
 
 def meter_macs(d: int, ffn: int, vision_layers: int, text_layers: int, cross_layers: int, n_img: int, n_txt: int,
@@ -100,9 +103,7 @@ def export(v: Variant, base: Any, workdir: Path) -> dict[str, Any]:
 
     t0, out = time.perf_counter(), workdir / v.name
     model = build(v, base)
-    # batch 1 only (what is timed): the naive deep-prompt training form exports with its batch specialised to
-    # the example's (docs/pitfalls.md, "METER"), so every variant is exported and checked at batch 1 alike
-    settings = ExportSettings(batch_min=1, batch_opt=1, batch_max=1, text_len=TEXT_LEN, overwrite=True)
+    settings = ExportSettings(batch_max=2, text_len=TEXT_LEN, overwrite=True)
     export_artifact(model, out, settings, source={"variant": v.name, "form": v.form}, fold_first=v.form not in ("naive", "opfree"))
     del model
     gc.collect()
