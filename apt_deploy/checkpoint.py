@@ -3,7 +3,7 @@
 Tensor names (ViLT): ``layers.{i}.prompt`` (p x d), ``layers.{i}.down`` (r x d), ``layers.{i}.up``
 (d x r), ``layers.{i}.log_scale`` (scalar) for APT; ``layers.{i}.prompt`` for deep prompt; the
 recipe's extras as ``head.*``, ``pooler.*``, ``embeddings.modality_type.weight`` and
-``text.cls_embedding``. See README "Prompt checkpoint format".
+``text.token4classifier``. See README "Prompt checkpoint format".
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The main job on a built-in default: train APT on a synthetic VQA task, fold, export, validate, time.
 
-No network and no GPU. The ViLT is randomly initialised (no pretrained weights are reachable), so
-accuracies show that the pipeline learns, not what APT achieves on a pretrained ViLT.
+No network and no GPU. The ViLT (or, with ``backbone="meter"``, a tiny METER) is randomly initialised (no
+pretrained weights are reachable), so accuracies show that the pipeline learns, not what APT achieves on a
+pretrained model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from apt_deploy.settings import DemoSettings
 
 log = logging.getLogger(__name__)
+DISPLAY = {"vilt": "ViLT", "meter": "METER"}
 
 
 def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:
@@ -21,8 +23,9 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:
 
     work = Path(settings.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    log.warning("Demo ViLT is RANDOMLY INITIALISED: no pretrained weights are reachable here. Accuracies show the "
-                "pipeline learns; they say nothing about APT on a pretrained ViLT.")
+    name = DISPLAY[settings.backbone]
+    log.warning("Demo %s is RANDOMLY INITIALISED: no pretrained weights are reachable here. Accuracies show the "
+                "pipeline learns; they say nothing about APT on a pretrained %s.", name, name)
     data, base_dir = _data_and_base_model(work, settings)                       # 1. data + base checkpoint
     summary: dict[str, Any] = {"settings": asdict(settings)}
     prompts_dir = _train(base_dir, data, work, settings, summary)               # 2-3. apply APT, train, save
@@ -33,6 +36,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict[str, Any]:
 
 
 def _data_and_base_model(work: Path, settings: DemoSettings):
+    if settings.backbone == "meter":
+        return _meter_data_and_base_model(work, settings)
     from apt_deploy.data.synthetic_vqa import build_synthetic_vqa
     from apt_deploy.progress import timed_step
     from apt_deploy.tiny import demo_vilt_config, save_tiny_vilt
@@ -46,17 +51,35 @@ def _data_and_base_model(work: Path, settings: DemoSettings):
     return data, base_dir
 
 
+def _meter_data_and_base_model(work: Path, settings: DemoSettings):
+    from apt_deploy.data.meter import load_meter_processor
+    from apt_deploy.data.synthetic_vqa import ANSWERS, build_synthetic_vqa
+    from apt_deploy.progress import timed_step
+    from apt_deploy.tiny import save_tiny_meter
+
+    with timed_step("build the synthetic VQA task and a random-init METER"):
+        base_dir = save_tiny_meter(work / "base_model", seed=settings.seed, answers=ANSWERS, overwrite=True, image_size=64)
+        processor = load_meter_processor(base_dir, vocab_size=10**6)
+        data = build_synthetic_vqa(settings.num_train, settings.num_test, image_size=64, text_len=16,
+                                   seed=settings.seed, processor=processor)
+    return data, base_dir
+
+
 def _train(base_dir: Path, data: Any, work: Path, settings: DemoSettings, summary: dict[str, Any]) -> Path:
     import apt_deploy as ad
-    from apt_deploy.settings import TrainSettings
+    from apt_deploy.settings import BACKBONE_TRAIN_DEFAULTS, TrainSettings
     from apt_deploy.training import evaluate, train
 
-    model = ad.get_backbone("vilt").load(str(base_dir))
+    spec = ad.get_backbone(settings.backbone)
+    model = spec.load(str(base_dir))
     total = sum(p.numel() for p in model.parameters())
-    config = ad.APTConfig(prompt_len=settings.prompt_len, rank=settings.rank, cls_token_id=data.tokenizer.cls_token_id)
+    config = ad.APTConfig(**{**spec.apt_defaults, "prompt_len": settings.prompt_len, "rank": settings.rank,
+                             "cls_token_id": data.tokenizer.cls_token_id})
     ad.apply_apt(model, config)
     before = evaluate(model, data.test)
-    result = train(model, data.train, TrainSettings(steps=settings.steps, batch_size=settings.batch_size, seed=settings.seed))
+    recipe = BACKBONE_TRAIN_DEFAULTS.get(settings.backbone, {})
+    result = train(model, data.train, TrainSettings(steps=settings.steps, batch_size=settings.batch_size,
+                                                    seed=settings.seed, **recipe))
     summary["training"] = {"backbone_parameters": total, "trainable_parameters": ad.trainable_parameters(model),
                            "apt_parameters": sum(p.numel() for n, p in model.named_parameters() if ".apt." in n),
                            "accuracy_before": before, "accuracy_after": evaluate(model, data.test),
@@ -95,7 +118,8 @@ def _export(base_dir: Path, prompts_dir: Path, work: Path, summary: dict[str, An
     settings = ExportSettings(batch_max=8, overwrite=True)
     source = {"model_dir": str(base_dir.resolve()), "prompts_dir": str(prompts_dir.resolve())}
     artifact = export_artifact(load_trained(base_dir, prompts_dir), work / "artifact", settings, source=source)
-    base = export_artifact(ad.get_backbone("vilt").load(str(base_dir)), work / "artifact_base", settings,
+    backbone = read_manifest(artifact)["backbone"]
+    base = export_artifact(ad.get_backbone(backbone).load(str(base_dir)), work / "artifact_base", settings,
                            source={"model_dir": source["model_dir"]})
     manifest = read_manifest(artifact)
     summary["export"] = {"artifact": str(artifact), "fused_nodes": manifest["fused_op"]["count"],

@@ -79,6 +79,7 @@ class TrainSettings:
     seed: int = 0
     eval_every: int = 0
     eval_batch_size: int = 64
+    cross_modal_lr_mult: float = 1.0  # METER: APT modules and poolers at lr x this (spec.cross_modal_parameters)
 
     def __post_init__(self) -> None:
         from apt_deploy.errors import ConfigError
@@ -86,7 +87,7 @@ class TrainSettings:
         for name in ("steps", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}", "a positive integer")
-        if self.lr <= 0 or self.head_lr_mult <= 0:
+        if self.lr <= 0 or self.head_lr_mult <= 0 or self.cross_modal_lr_mult <= 0:
             raise ConfigError(f"lr={self.lr}, head_lr_mult={self.head_lr_mult}", "positive values (recipe: 5e-4, 10)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio}", "a fraction in [0, 1) (recipe: 0.1)")
@@ -95,9 +96,18 @@ class TrainSettings:
                               "weight_decay >= 0, eval_every >= 0, grad_clip None or > 0")
 
 
+# Per-backbone overrides of TrainSettings for the official recipe (apt-deploy train fills in what is not given).
+# METER APT VQA (shared/specs/meter.md §3.5): base lr 2.5e-5 (token types, token4classifier), APT modules and
+# poolers x5 (1.25e-4), the head x50 (1.25e-3).
+BACKBONE_TRAIN_DEFAULTS: dict[str, dict[str, float]] = {
+    "meter": {"lr": 2.5e-5, "cross_modal_lr_mult": 5.0, "head_lr_mult": 50.0},
+}
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     workdir: str = "apt-deploy-demo"
+    backbone: str = "vilt"  # or "meter" (a tiny random METER; apt-deploy demo --backbone meter)
     steps: int = 1500
     batch_size: int = 32
     num_train: int = 2000

@@ -56,3 +56,25 @@ def _check_config(config: dict[str, Any], tokens: int, answers: list[str]) -> No
     if not answers or len(set(answers)) != len(answers):
         raise ConfigError(f"answers={answers[:5]}...", "a non-empty list of distinct answers",
                           "pass each answer once, or omit answers for the synthetic task's")
+
+
+def save_tiny_meter(directory: str | Path, seed: int = 0, answers: Sequence[str] | None = None,
+                    overwrite: bool = False, **config_overrides: Any) -> Path:
+    """Write a random tiny METER (apt_deploy.models.meter) + an offline RoBERTa tokenizer (whole words of the
+    synthetic task) + METER's image preprocessing to ``directory`` (atomically); ``answers`` become id2label."""
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.data.meter import MeterProcessor, image_processor, tiny_roberta_tokenizer
+    from apt_deploy.data.synthetic_vqa import ANSWERS, synthetic_vocab
+    from apt_deploy.models.meter import save_meter
+
+    answers = list(answers if answers is not None else ANSWERS)
+    tokenizer = tiny_roberta_tokenizer(w for w in synthetic_vocab() if w.isalpha())
+    config = {"vocab_size": len(tokenizer), **config_overrides}
+    _check_config(config, len(tokenizer), answers)
+    model = get_backbone("meter").build_tiny(seed=seed, num_labels=len(answers), **config)
+    model.config.id2label = dict(enumerate(answers))
+    model.config.label2id = {a: i for i, a in enumerate(answers)}
+    processor = MeterProcessor(tokenizer, image_processor(model.config.image_size))
+    save_meter(model, directory, extras=processor.save_pretrained, overwrite=overwrite)
+    log.info("wrote a tiny METER (%d labels, hidden %d) to %s", len(answers), model.config.hidden_size, directory)
+    return Path(directory)

@@ -73,17 +73,18 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
 
 
 def param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
-    """AdamW groups named ``{head|body}/{decay|no_decay}``; frozen parameters are left out."""
-    head = _head_parameter_ids(model)
+    """AdamW groups named ``{head|cross_modal|body}/{decay|no_decay}``; frozen parameters are left out.
+    ``cross_modal`` (METER: APT modules and poolers) exists only for backbones whose spec names such parameters."""
+    head, cross = _head_parameter_ids(model), _cross_modal_parameter_ids(model)
+    mult = {"head": settings.head_lr_mult, "cross_modal": settings.cross_modal_lr_mult, "body": 1.0}
     groups: dict[tuple[str, str], list[nn.Parameter]] = {}
     for p, no_decay in _trainable(model):
-        key = ("head" if id(p) in head else "body", "no_decay" if no_decay else "decay")
-        groups.setdefault(key, []).append(p)
+        part = "head" if id(p) in head else "cross_modal" if id(p) in cross else "body"
+        groups.setdefault((part, "no_decay" if no_decay else "decay"), []).append(p)
     if not groups:
         raise ConfigError("the model has no trainable parameters", "a model after apply_apt / apply_deep_prompt",
                           "apply a prompt method before training")
-    return [{"name": f"{part}/{decay}", "params": params,
-             "lr": settings.lr * (settings.head_lr_mult if part == "head" else 1.0),
+    return [{"name": f"{part}/{decay}", "params": params, "lr": settings.lr * mult[part],
              "weight_decay": 0.0 if decay == "no_decay" else settings.weight_decay}
             for (part, decay), params in sorted(groups.items())]
 
@@ -186,8 +187,15 @@ def _trainable(model: nn.Module) -> Iterator[tuple[nn.Parameter, bool]]:
                 yield p, isinstance(module, nn.LayerNorm) or name == "bias"
 
 
-def _head_parameter_ids(model: nn.Module) -> set[int]:
+def _spec(model: nn.Module):
     state = getattr(model, "apt_deploy_state", None)
-    spec = get_backbone(state.backbone) if state is not None else spec_for_model(model)
-    head = spec.trainable_extras(model).get("head")
+    return get_backbone(state.backbone) if state is not None else spec_for_model(model)
+
+
+def _head_parameter_ids(model: nn.Module) -> set[int]:
+    head = _spec(model).trainable_extras(model).get("head")
     return {id(p) for p in head.parameters()} if head is not None else set()
+
+
+def _cross_modal_parameter_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in _spec(model).cross_modal_parameters(model)}

@@ -50,7 +50,7 @@ def base_fingerprint(model: nn.Module, spec: BackboneSpec) -> str:
 
 def apply_apt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
     """Insert one APT module per attention sub-layer (specs/apt.md placement); freeze the rest. In place."""
-    config = config or APTConfig()
+    config = config or default_apt_config(model, "apt")
     spec, fingerprint = _prepare(model, config)
     _insert_apt(model, spec, config)
     _finish(model, spec, config, "apt", fingerprint)
@@ -59,13 +59,18 @@ def apply_apt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
 
 def apply_deep_prompt(model: nn.Module, config: APTConfig | None = None) -> nn.Module:
     """Deep prompt tuning baseline: ``config.prompt_len`` fresh tokens per layer (rank is unused). In place."""
-    config = config or APTConfig(method="deep_prompt")
+    config = config or default_apt_config(model, "deep_prompt")
     spec, fingerprint = _prepare(model, config)
     d = spec.hidden_size(model)
     for site in spec.deep_prompt_sites(model):
         site.replace(DeepPromptLayer(site.module, config.prompt_len, d, config.init_std))
     _finish(model, spec, config, "deep_prompt", fingerprint)
     return model
+
+
+def default_apt_config(model: nn.Module, method: str = "apt") -> APTConfig:
+    """APTConfig() with the backbone's official-recipe overrides (``spec.apt_defaults``; METER: frozen scale)."""
+    return APTConfig(**{**spec_for_model(model).apt_defaults, "method": method})
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -13,8 +13,8 @@ os.environ.setdefault("APT_DEPLOY_NO_PROGRESS", "1")
 
 
 def randomize_method(model, seed: int = 0) -> None:
-    """Give every trained tensor non-trivial values (fresh APT has up=0 and log_scale=0, which would make
-    K == P and e^s == 1 and hide folding mistakes)."""
+    """Give every trained tensor non-trivial values (fresh APT has log_scale=0 and K ~ P, since W_up W_dn is
+    tiny at init std 0.02, which would make e^s == 1 and hide folding mistakes)."""
     import torch
 
     from apt_deploy.checkpoint import trained_tensors

@@ -25,7 +25,7 @@ def test_contract_names_and_config(apt_model, tmp_path):
         assert tensors[f"layers.{i}.down"].shape == (2, 32)
         assert tensors[f"layers.{i}.up"].shape == (32, 2)
         assert tensors[f"layers.{i}.log_scale"].shape == ()
-    assert {"head.0.weight", "pooler.dense.weight", "embeddings.modality_type.weight", "text.cls_embedding"} <= set(tensors)
+    assert {"head.0.weight", "pooler.dense.weight", "embeddings.modality_type.weight", "text.token4classifier"} <= set(tensors)
     assert not any("attention.attention" in k or "intermediate" in k for k in tensors)  # only trained tensors
     cfg = json.loads((tmp_path / "p" / CONFIG_NAME).read_text())
     assert {k: cfg[k] for k in ("format_version", "method", "backbone", "prompt_len", "rank", "hidden_size", "num_layers")} == \
@@ -114,4 +114,4 @@ def test_wrong_format_version(apt_model, tmp_path):
 
 def test_unknown_backbone_lists_known():
     with pytest.raises(UnknownNameError, match="vilt"):
-        ad.get_backbone("meter")
+        ad.get_backbone("not-a-backbone")

@@ -66,13 +66,13 @@ def _export(tiny_dirs, out, *extra, model=None, prompts=None):
 @pytest.mark.parametrize("case,match", [
     ("missing_model", "model directory .* does not exist"),
     ("missing_prompts", "prompt directory .* does not exist"),
-    ("unknown_backbone", "Unknown backbone 'meter'.*vilt"),
+    ("unknown_backbone", "Unknown backbone 'not-a-backbone'.*vilt"),
     ("bad_batch", "--batch '1,2'"),
 ])
 def test_export_bad_input(tiny_dirs, tmp_path, capsys, case, match):
     out = tmp_path / "art"
     args = {"missing_model": dict(model=tmp_path / "nope"), "missing_prompts": dict(prompts=tmp_path / "nope")}.get(case, {})
-    extra = {"unknown_backbone": ["--backbone", "meter"], "bad_batch": ["--batch", "1,2"]}.get(case, [])
+    extra = {"unknown_backbone": ["--backbone", "not-a-backbone"], "bad_batch": ["--batch", "1,2"]}.get(case, [])
     assert _export(tiny_dirs, out, *extra, **args) == 2
     err = capsys.readouterr().err
     assert pytest.importorskip("re").search(match, err), err

@@ -26,7 +26,19 @@ def _clip(tmp_path, clip_dir):
     return clip_with_method(clip_dir, "apt+coop")[0], clip_dir
 
 
-ROUND_TRIPS = {"vilt": _vilt, "clip": _clip}
+def _meter(tmp_path, clip_dir):
+    import apt_deploy as ad
+    from apt_deploy.models.meter import save_meter
+    from tests.conftest import randomize_method
+
+    model = get_backbone("meter").build_tiny(seed=0)
+    save_meter(model, tmp_path / "meter")
+    ad.apply_apt(model, ad.APTConfig(prompt_len=6, rank=2, train_log_scale=False, cls_token_id=0))
+    randomize_method(model)
+    return model, tmp_path / "meter"
+
+
+ROUND_TRIPS = {"vilt": _vilt, "clip": _clip, "meter": _meter}
 
 
 def test_registry_lists_every_backbone_module():
@@ -49,5 +61,5 @@ def test_every_registered_backbone_round_trips(backbone, tmp_path, clip_dir, one
     out = export_artifact(reloaded, tmp_path / "artifact", ExportSettings(batch_max=2))
     manifest = json.loads((out / "manifest.json").read_text())
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert manifest["backbone"] == backbone and len(fused_op.fused_nodes(proto)) == get_backbone(backbone).num_layers(model)
+    assert manifest["backbone"] == backbone and len(fused_op.fused_nodes(proto)) == len(get_backbone(backbone).apt_sites(model))
     assert manifest["validation"]["training_vs_folded"]["runs"] and manifest["validation"]["onnxruntime_vs_torch"]["runs"]

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type[BackboneSpec]] = {}
 # Modules that register backbones when imported (kept explicit so the registry test can check it).
-BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip")
+BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip",
+                                     "apt_deploy.backbones.meter")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class BackboneSpec:
 
     name: str = ""
     model_classes: tuple[str, ...] = ()
+    # APTConfig fields this family's official recipe sets differently (used when no config is passed)
+    apt_defaults: dict[str, Any] = {}
 
     # --- loading and structure -------------------------------------------------------------
     def load(self, model_dir: str) -> nn.Module:
@@ -161,6 +164,14 @@ class BackboneSpec:
         from apt_deploy.errors import ConfigError
 
         raise ConfigError(f"backbone {self.name!r} has no answer head to resize", "a backbone with a classification head")
+
+    def cross_modal_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Trained parameters of the recipe's ``cross_modal`` lr group (TrainSettings.cross_modal_lr_mult; default none)."""
+        return []
+
+    def opfree_fold_pass(self) -> Callable[[nn.Module, BackboneSpec], int] | None:
+        """The fold pass of APT's op-free form for this family (None: the BERT/ViLT pass in methods/apt_opfree.py)."""
+        return None
 
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
         """Insert a learned replacement of the first text token's embedding (no-op if not applicable)."""

@@ -72,16 +72,30 @@ def _interpolation_matrix(valid: torch.Tensor, size: int, source: int, dtype: to
 
 
 class ClsEmbeddingReplacement(nn.Module):
-    """The official recipe's learned replacement of the first text token's embedding ([CLS])."""
+    """The official recipe's ``token4classifier``: a learned replacement of the first text token's whole
+    embedding output (word + position + type, LayerNorm), initialised to that output for ``cls_token_id``
+    (APT's vilt_module_apt.py builds it as ``text_embeddings([[101]])`` and substitutes it after the text
+    embeddings, before the modality-type add)."""
 
-    def __init__(self, word_embeddings: nn.Embedding, cls_token_id: int) -> None:
+    def __init__(self, text_embeddings: nn.Module, cls_token_id: int) -> None:
         super().__init__()
-        self.word_embeddings = word_embeddings
-        self.cls_embedding = nn.Parameter(word_embeddings.weight[cls_token_id].detach().clone())
+        self.text_embeddings = text_embeddings
+        was_training = text_embeddings.training
+        with torch.no_grad():
+            ids = torch.tensor([[cls_token_id]], device=text_embeddings.word_embeddings.weight.device)
+            first = text_embeddings.eval()(input_ids=ids)[0, 0]
+        text_embeddings.train(was_training)
+        self.token4classifier = nn.Parameter(first.detach().clone())
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        emb = self.word_embeddings(input_ids)
-        first = self.cls_embedding.to(emb.dtype).expand(emb.shape[0], 1, -1)
+    @property
+    def word_embeddings(self) -> nn.Module:
+        return self.text_embeddings.word_embeddings
+
+    def forward(self, input_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.text_embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds)
+        first = self.token4classifier.to(emb.dtype).expand(emb.shape[0], 1, -1)
         return torch.cat([first, emb[:, 1:]], dim=1)
 
 
@@ -113,12 +127,12 @@ class ViltSpec(BackboneSpec):
         return layer.attention, "attention", layer.layernorm_before
 
     def insert_cls_embedding(self, model: nn.Module, cls_token_id: int) -> None:
-        text = _core(model).embeddings.text_embeddings
-        text.word_embeddings = ClsEmbeddingReplacement(text.word_embeddings, cls_token_id)
+        emb = _core(model).embeddings
+        emb.text_embeddings = ClsEmbeddingReplacement(emb.text_embeddings, cls_token_id)
 
     def method_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        emb = _core(model).embeddings.text_embeddings.word_embeddings
-        return {"text.cls_embedding": emb.cls_embedding} if isinstance(emb, ClsEmbeddingReplacement) else {}
+        emb = _core(model).embeddings.text_embeddings
+        return {"text.token4classifier": emb.token4classifier} if isinstance(emb, ClsEmbeddingReplacement) else {}
 
     def trainable_extras(self, model: nn.Module) -> dict[str, nn.Module]:
         core = _core(model)

@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.triton_repo",
     "apt_deploy.cli.serve",
     "apt_deploy.cli.loadtest",
+    "apt_deploy.cli.import_",
 )
 
 

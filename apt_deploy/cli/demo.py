@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
-HELP = ("train APT on a built-in synthetic VQA task with a small random-init ViLT, fold, export to ONNX, "
+HELP = ("train APT on a built-in synthetic VQA task with a small random-init ViLT (or METER), fold, export to ONNX, "
         "validate parity and time ONNX Runtime (no network, no GPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="apt-deploy-demo", help="where the model, prompts and artifacts go")
+    parser.add_argument("--backbone", choices=("vilt", "meter"), default="vilt",
+                        help="vilt (default) or meter (a tiny random METER, the official APT-METER recipe)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500, ~1 min on 2 cores)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=50, help="APT prompt count p (default 50)")
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from apt_deploy.demo import run_demo
     from apt_deploy.settings import DemoSettings
 
-    settings = DemoSettings(workdir=args.workdir, steps=args.steps, batch_size=args.batch_size,
+    settings = DemoSettings(workdir=args.workdir, backbone=args.backbone, steps=args.steps, batch_size=args.batch_size,
                             num_train=args.num_train, num_test=args.num_test, prompt_len=args.prompt_len,
                             rank=args.rank, latency_iterations=args.latency_iterations, seed=args.seed)
     print_summary(run_demo(settings))
@@ -33,11 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: dict) -> None:
+    from apt_deploy.demo import DISPLAY
+
     t, e, lat = s["training"], s["export"], s["latency"]
     v = e["validation"]
     worst = max(o["max_abs"] for r in v["onnxruntime_vs_torch"]["runs"] for o in r["outputs"])
     rows = [
-        ("model", "ViLT, RANDOM INIT (no pretrained weights reachable)"),
+        ("model", f"{DISPLAY[s['settings'].get('backbone', 'vilt')]}, RANDOM INIT (no pretrained weights reachable)"),
         ("backbone parameters", f"{t['backbone_parameters']:,}"),
         ("trainable parameters", f"{t['trainable_parameters']:,} (APT modules {t['apt_parameters']:,})"),
         ("held-out accuracy", f"{t['accuracy_before']:.3f} before -> {t['accuracy_after']:.3f} after {t['steps']} steps"),

@@ -117,10 +117,12 @@ def make_examples(count: int, image_size: int, rng: np.random.Generator) -> list
 
 
 def build_synthetic_vqa(num_train: int, num_test: int, image_size: int = 64, text_len: int = 16,
-                        seed: int = 0, patch_size: int = 16) -> SyntheticVQA:
-    """Train and held-out test splits (independent streams of ``seed``), tokenizer and processor."""
-    tokenizer = build_tokenizer(max_length=text_len)
-    processor = build_processor(tokenizer, image_size, patch_size)
+                        seed: int = 0, patch_size: int = 16, processor: Any | None = None) -> SyntheticVQA:
+    """Train and held-out test splits (independent streams of ``seed``), tokenizer and processor
+    (default: the ViLT processor over :func:`build_tokenizer`; METER passes its own)."""
+    if processor is None:
+        processor = build_processor(build_tokenizer(max_length=text_len), image_size, patch_size)
+    tokenizer = processor.tokenizer
     train, test = (make_examples(n, image_size, np.random.default_rng([seed, k]))
                    for k, n in ((0, num_train), (1, num_test)))
     train_set, test_set = (VQADataset(ex, processor, len(ANSWERS), text_len, cache=True) for ex in (train, test))

@@ -81,12 +81,16 @@ class VQADataset(Dataset):
             labels[label] = score
         item = {k: text[k][0] for k in TEXT_KEYS if k in text}
         item.setdefault("token_type_ids", torch.zeros_like(item["input_ids"]))
-        return {**item, "pixel_values": pixels["pixel_values"][0], "pixel_mask": pixels["pixel_mask"][0], "labels": labels}
+        item.update({k: pixels[k][0] for k in ("pixel_values", "pixel_mask") if k in pixels})  # CLIP's (METER's) has no mask
+        return {**item, "labels": labels}
 
 
 def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of items; images of different sizes are zero-padded bottom/right (pixel_mask 0 there)."""
+    """Stack a list of items; images of different sizes are zero-padded bottom/right (pixel_mask 0 there).
+    Items without ``pixel_mask`` (METER's center-cropped images) are stacked as they are."""
     out = {k: torch.stack([b[k] for b in batch]) for k in (*TEXT_KEYS, "labels")}
+    if "pixel_mask" not in batch[0]:  # fixed-size (center-cropped) images: nothing to pad
+        return {**out, "pixel_values": torch.stack([b["pixel_values"] for b in batch])}
     h = max(b["pixel_values"].shape[-2] for b in batch)
     w = max(b["pixel_values"].shape[-1] for b in batch)
     pix = torch.zeros(len(batch), 3, h, w)

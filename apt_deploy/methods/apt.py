@@ -16,7 +16,8 @@ from apt_deploy.errors import ConfigError
 
 @dataclass(frozen=True)
 class APTConfig:
-    """Settings of APT. Defaults are the published ViLT/METER settings (p=200, r=4)."""
+    """Settings of APT. Defaults are the published ViLT/METER settings (p=200, r=4). ``init_std`` is the
+    standard deviation of the normal init of P, W_dn and W_up (0.02, as the official runs; APTModule)."""
 
     prompt_len: int = 200
     rank: int = 4
@@ -37,14 +38,21 @@ class APTConfig:
 
 
 class APTModule(nn.Module):
-    """One APT module: trainable P (p x d), down (r x d), up (d x r), log_scale (scalar)."""
+    """One APT module: trainable P (p x d), down (r x d), up (d x r), log_scale (scalar).
+
+    Initialisation: P, W_dn and W_up all N(0, init_std^2) (0.02), log_scale 0. This is what the official
+    runs train from: the ``approximate_prompt`` class sets W_dn ~ N(0, 1) and W_up = 0, but the host
+    model's initialiser runs afterwards and re-initialises every nn.Linear, both low-rank matrices
+    included, to N(0, 0.02^2) (METER: ``objectives.init_weights``; ViLT: timm's trunc_normal(0.02), whose
+    +-2 cut-off is 100 sigma away) — shared/specs/meter.md §3.2.
+    """
 
     def __init__(self, hidden_size: int, config: APTConfig) -> None:
         super().__init__()
         p, r, d = config.prompt_len, config.rank, hidden_size
         self.prompt = nn.Parameter(torch.randn(p, d) * config.init_std)
-        self.down = nn.Parameter(torch.randn(r, d))
-        self.up = nn.Parameter(torch.zeros(d, r))
+        self.down = nn.Parameter(torch.randn(r, d) * config.init_std)
+        self.up = nn.Parameter(torch.randn(d, r) * config.init_std)
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=config.train_log_scale)
         self.dropout = nn.Dropout(config.dropout)
 

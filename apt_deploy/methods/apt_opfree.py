@@ -118,7 +118,9 @@ def fold_opfree(model: nn.Module) -> nn.Module:
                           f"folded={getattr(state, 'folded', None)!r}",
                           "an APT model in training form (apply_apt / load_prompts)",
                           "apply APT or load an APT checkpoint first; fold from the training form, not a folded copy")
-    return fold(model, passes=(fold_apt_opfree, freeze_for_inference))
+    from apt_deploy.backbones import get_backbone
+
+    return fold(model, passes=(get_backbone(state.backbone).opfree_fold_pass() or fold_apt_opfree, freeze_for_inference))
 
 
 def _check_host(attention: nn.Module) -> None:

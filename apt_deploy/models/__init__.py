@@ -1,0 +1,1 @@
+"""Model families that transformers does not ship, built from transformers parts (METER)."""
