@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type[BackboneSpec]] = {}
 # Modules that register backbones when imported (kept explicit so the registry test can check it).
-BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip")
+BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip",
+                                     "apt_deploy.backbones.grounding_dino")
 
 
 @dataclass(frozen=True)
