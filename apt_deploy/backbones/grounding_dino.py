@@ -273,3 +273,20 @@ def save_tiny_grounding_dino(directory: str | Path, seed: int = 0, model: nn.Mod
         model.save_pretrained(stage)
         processor.save_pretrained(stage)
     return Path(directory)
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def load_detection_processor(model_dir: str | Path) -> Any:
+    """GroundingDinoProcessor (tokenizer + image processor) from the model directory, offline."""
+    from transformers import GroundingDinoProcessor
+
+    from apt_deploy.errors import InputPathError
+
+    d = Path(model_dir)
+    if not (d / "tokenizer_config.json").is_file() or not any((d / n).is_file() for n in PROCESSOR_FILES):
+        raise InputPathError(f"{str(d)!r} has no tokenizer / image processor files",
+                             f"tokenizer_config.json and one of {PROCESSOR_FILES} next to the weights",
+                             "save them: GroundingDinoProcessor(image_processor, tokenizer).save_pretrained(MODEL_DIR)")
+    return GroundingDinoProcessor.from_pretrained(str(d), local_files_only=True)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works 
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
-TRAINABLE_BACKBONES = ("vilt", "clip")
+TRAINABLE_BACKBONES = ("vilt", "clip", "grounding_dino")
 VILT_METHODS = ("apt", "deep_prompt")
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, metavar="MODEL_DIR", help="local save_pretrained directory (weights, config, "
                    "tokenizer, image processor); no hub access")
     g.add_argument("--method", default="apt", help="prompt method (default apt): apt | deep_prompt for vilt; "
-                   "coop | gram | apt | apt+coop for clip")
+                   "coop | gram | apt | apt+coop for clip; sdpt | sdpt+head for grounding_dino")
     g.add_argument("--prompt-len", type=int, default=200, help="prompts per layer (paper: 200)")
     g.add_argument("--rank", type=int, default=4, help="APT low-rank size (paper: 4; unused by deep_prompt)")
     d = parser.add_argument_group("data")
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from apt_deploy.clip_training import add_clip_arguments  # torch-free at import time (tested)
 
     add_clip_arguments(parser)
+    from apt_deploy.cli.train_detection import add_detection_arguments
+
+    add_detection_arguments(parser)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
         refuse_existing(args.out, args.overwrite)
         return train_from_args(args)
+    if args.backbone == "grounding_dino":
+        from apt_deploy.cli.train_detection import check_detection_flags, train_detection_from_args
+
+        check_detection_flags(args)
+        refuse_existing(args.out, args.overwrite)
+        return train_detection_from_args(args)
     if args.backbone != "vilt":
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vilt(args)
