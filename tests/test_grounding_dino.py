@@ -142,3 +142,17 @@ def test_predict_detection_matches_pytorch_post_processing(gdino, gdino_artifact
     order = torch.argsort(want["scores"], descending=True)
     assert [d["label"] for d in got] == [want["text_labels"][i] for i in order]
     assert max(abs(d["box"][j] - float(want["boxes"][i][j])) for d, i in zip(got, order) for j in range(4)) < 0.02
+
+
+def test_coco_eval_scores_ground_truth_as_perfect():
+    """The experiment's AP plumbing (pycocotools, boxes in pixels x, y, w, h) gives 1.0 for the ground truth."""
+    pytest.importorskip("pycocotools")
+    from apt_deploy.data.synthetic_shapes import detection_coco
+    from apt_deploy.experiments.sdpt_experiment import coco_eval
+
+    gt, _ = detection_coco("inverted", 6, seed=0, size=128)
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"]]
+    assert coco_eval(gt, dets) == {"mAP": 1.0, "AP50": 1.0}
+    shifted = [dict(d, bbox=[d["bbox"][0] + d["bbox"][2], *d["bbox"][1:]]) for d in dets]
+    assert coco_eval(gt, shifted)["AP50"] == 0.0

@@ -7,8 +7,8 @@ checkpoint keys ``fusion.layers.{i}.prototypes`` and, for the "sdpt+head" varian
 ``pixel_values, input_ids, attention_mask, pixel_mask -> logits, pred_boxes``.
 
 Export fixes (docs/sdpt.md), applied by :meth:`GroundingDinoSpec.export_context` so the user never
-sees them: (1) the phrase-mask helper uses ``cummax`` / ``cummin``, which have no ONNX lowering: an
-equivalent O(T^2) form replaces it; (2) ``torch_compilable_check`` lowers to ``aten._is_all_true``
+sees them: (1) the phrase-mask helper uses ``cummax`` / ``cummin`` and ``isin`` (-> ``searchsorted``), which
+have no ONNX lowering: an equivalent O(T^2) form replaces it; (2) ``torch_compilable_check`` lowers to ``aten._is_all_true``
 (no ONNX function): ``TRANSFORMERS_DISABLE_TORCH_CHECK=1`` during export and parity runs; (3) a Swin
 backbone's SDPA reshape cannot be decomposed: its attention runs "eager" during export.
 """
@@ -40,7 +40,8 @@ def phrase_masks_without_cummax(input_ids: torch.Tensor, special_tokens: torch.T
     (tests/test_grounding_dino.py compares them on random id sequences)."""
     batch, length = input_ids.shape
     idx = torch.arange(length, device=input_ids.device)
-    special = torch.isin(input_ids, special_tokens)  # (B, T)
+    # explicit comparison: torch.isin decomposes to searchsorted (no ONNX function) once the batch is symbolic
+    special = (input_ids[..., None] == special_tokens.to(input_ids.device)).any(-1)  # (B, T)
     before = idx[None, :] < idx[:, None]  # [i, j]: j < i
     after_or_at = idx[None, :] >= idx[:, None]  # [i, j]: j >= i
     cand = special[:, None, :]
@@ -137,6 +138,9 @@ class GroundingDinoSpec(BackboneSpec):
         side = getattr(cfg, "image_size", None) or DEFAULT_IMAGE_SIZE
         h, w = shapes.image_size or (side, side)
         (bmin, bopt, bmax), t = shapes.batch, shapes.text_len
+        # The export traces the "opt" shapes: an example batch of 1 lets torch.export specialise the batch
+        # axis (size-1 broadcasting in the encoder), so the ONNX model would refuse batch 2 (docs/pitfalls.md).
+        bopt = max(bopt, min(2, bmax))
         text = [InputSpec(n, "int64", ("batch", t), (bmin, t), (bopt, t), (bmax, t))
                 for n in ("input_ids", "attention_mask")]
         pix = InputSpec("pixel_values", "float32", ("batch", 3, h, w), (bmin, 3, h, w), (bopt, 3, h, w), (bmax, 3, h, w))
