@@ -44,7 +44,7 @@ def diff_outputs(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.nda
         # and are then left out; any other non-finite value (NaN, inf on one side only) fails.
         finite = np.isfinite(e) & np.isfinite(a)
         nonfinite_ok = bool(np.all(finite | (np.isinf(e) & (e == a))))
-        err, ref = np.abs(e - a)[finite], np.abs(e)[finite]
+        err, ref = np.abs(e[finite] - a[finite]), np.abs(e[finite])
         max_abs = float(err.max()) if err.size else 0.0
         max_rel = float((err / np.maximum(ref, 1e-12)).max()) if err.size else 0.0
         ok = bool(np.all(err <= tol.atol + tol.rtol * ref)) and nonfinite_ok

@@ -156,3 +156,17 @@ def test_coco_eval_scores_ground_truth_as_perfect():
     assert coco_eval(gt, dets) == {"mAP": 1.0, "AP50": 1.0}
     shifted = [dict(d, bbox=[d["bbox"][0] + d["bbox"][2], *d["bbox"][1:]]) for d in dets]
     assert coco_eval(gt, shifted)["AP50"] == 0.0
+
+
+def test_comparator_requires_an_identical_inf_pattern():
+    """-inf logits at padded text slots compare equal only where both sides have them; NaN never passes."""
+    import numpy as np
+
+    from apt_deploy.settings import tolerance
+    from engines.compare import diff_outputs
+
+    tol, want = tolerance("onnxruntime_vs_torch"), np.array([1.0, -np.inf, 2.0])
+    ok = [diff_outputs({"x": want}, {"x": np.array(got)}, tol)[0].ok
+          for got in ([1.00005, -np.inf, 2.0], [1.0, np.inf, 2.0], [1.0, -5.0, 2.0], [1.0, -np.inf, np.nan],
+                      [1.001, -np.inf, 2.0])]
+    assert ok == [True, False, False, False, False]
