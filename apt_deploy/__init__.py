@@ -16,6 +16,8 @@ _LAZY = {
     "APTConfig": "apt_deploy.methods.apt",
     "apply_apt": "apt_deploy.tuning",
     "apply_deep_prompt": "apt_deploy.tuning",
+    "SDPTConfig": "apt_deploy.methods.sdpt",
+    "apply_sdpt": "apt_deploy.tuning",
     "trainable_parameters": "apt_deploy.tuning",
     "fold": "apt_deploy.folding",
     "save_prompts": "apt_deploy.checkpoint",

@@ -67,3 +67,7 @@ class MissingDependencyError(AptDeployError):
 
 class RegressionError(AptDeployError):
     """A benchmark regressed past the allowed threshold against a baseline."""
+
+
+class DataError(AptDeployError):
+    """A dataset file is malformed or inconsistent (missing fields, boxes outside the image, too few images)."""

@@ -68,6 +68,13 @@ def fold_class_embeddings(model: nn.Module, spec: BackboneSpec) -> int:
     return 1
 
 
+def fold_sdpt(model: nn.Module, spec: BackboneSpec) -> int:
+    """SDPT -> per-fusion-layer prototype keys/values as constants (no pseudo-inverse, no extra tokens)."""
+    from apt_deploy.methods.sdpt import fold_sdpt_layers
+
+    return fold_sdpt_layers(model)
+
+
 # The passes each method needs, in order ("apt" serves ViLT and CLIP; fold_class_embeddings is a
 # no-op on models without a CLIP class head).
 FOLD_PASSES: dict[str, tuple[FoldPass, ...]] = {
@@ -76,6 +83,8 @@ FOLD_PASSES: dict[str, tuple[FoldPass, ...]] = {
     "coop": (fold_class_embeddings, freeze_for_inference),
     "gram": (fold_class_embeddings, freeze_for_inference),
     "apt+coop": (fold_apt_modules, fold_class_embeddings, freeze_for_inference),
+    "sdpt": (fold_sdpt, freeze_for_inference),
+    "sdpt+head": (fold_sdpt, freeze_for_inference),
 }
 
 

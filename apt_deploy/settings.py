@@ -19,7 +19,9 @@ class Tolerance:
         return asdict(self)
 
 
-# Declared once; every parity check in code and tests uses these.
+# Declared once; every parity check in code and tests uses these. Comparison rule (engines/compare.py):
+# atol + rtol * |expected| on entries finite on both sides; infinities must match exactly (same sign and
+# place, e.g. Grounding DINO's -inf logits at padded text slots); NaN or a one-sided inf always fails.
 TOLERANCES: dict[str, Tolerance] = {
     # fused op (torch / ONNX function body) vs the float64 numpy reference, fp32 inputs
     # (rtol: at ViLT-B size, d=768, p=200, |y| ~ 4, fp32 rounding alone reaches 1.05e-5 abs; docs/pitfalls.md)
@@ -246,3 +248,25 @@ class ScaleSettings:
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} without a checkpoint directory",
                               "a directory for the training checkpoint", "pass --checkpoint-dir (or --out)")
+
+
+@dataclass(frozen=True)
+class DetectionTrainSettings:
+    """Few-shot detection training (Grounding DINO + SDPT): the SDPT README's AdamW (weight decay 0.01,
+    gradient clipping 1.0); its lr 1e-5 is for 2000 steps on GLIP-L, the default here suits small runs."""
+
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    warmup_ratio: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from apt_deploy.errors import ConfigError
+
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}, "
+                              f"warmup_ratio={self.warmup_ratio}", "steps >= 1, batch_size >= 1, lr > 0, warmup in [0, 1)",
+                              "fix --steps / --batch-size / --lr")

@@ -20,6 +20,7 @@ from apt_deploy.errors import ConfigError
 from apt_deploy.methods.apt import APTConfig, APTModule
 from apt_deploy.methods.coop import ClassPrompts, ClipMethodConfig, CoOpConfig, PromptLearner, initial_context
 from apt_deploy.methods.deep_prompt import DeepPromptLayer
+from apt_deploy.methods.sdpt import SDPTConfig, insert_sdpt
 
 log = logging.getLogger(__name__)
 APT_METHODS = ("apt", "apt+coop")  # methods whose sites hold APT modules
@@ -143,3 +144,20 @@ def _clip_configs(method: str, coop: CoOpConfig | None, apt: APTConfig | None) -
     if method.startswith("apt"):
         return coop, dataclasses.replace(apt or APTConfig(), cls_token_id=None, train_head=False, method=method)
     return coop, None
+
+
+# --- Grounding DINO: SDPT prototypes in every encoder fusion layer (methods/sdpt.py) -------------
+def apply_sdpt(model: nn.Module, config: SDPTConfig | None = None) -> nn.Module:
+    """Insert SDPT prototypes into every fusion layer (spec.fusion_layers); freeze the rest; the
+    "sdpt+head" variant (``config.train_head``) also trains the box head. In place."""
+    config = config or SDPTConfig()
+    spec, fingerprint = _prepare(model, APTConfig(cls_token_id=None))
+    if not hasattr(spec, "fusion_layers"):
+        raise ConfigError(f"SDPT on backbone {spec.name!r}", "a backbone with bi-directional fusion layers "
+                          "(grounding_dino)", "use --backbone grounding_dino, or another method")
+    insert_sdpt(spec.fusion_layers(model), config)
+    if config.train_head:
+        for module in spec.trainable_extras(model).values():
+            module.requires_grad_(True)
+    _record(model, MethodState(config.method, config, spec.name, fingerprint))
+    return model

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[BackboneSpec]] = {}
 # Modules that register backbones when imported (kept explicit so the registry test can check it).
 BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip",
-                                     "apt_deploy.backbones.meter")
+                                     "apt_deploy.backbones.meter", "apt_deploy.backbones.grounding_dino")
 
 
 @dataclass(frozen=True)

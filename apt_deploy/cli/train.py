@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works 
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
-TRAINABLE_BACKBONES = ("vilt", "clip", "meter")
+TRAINABLE_BACKBONES = ("vilt", "clip", "meter", "grounding_dino")
 VILT_METHODS = ("apt", "deep_prompt")  # the VQA backbones (vilt, meter)
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, metavar="MODEL_DIR", help="local save_pretrained directory (weights, config, "
                    "tokenizer, image processor); no hub access")
     g.add_argument("--method", default="apt", help="prompt method (default apt): apt | deep_prompt for vilt / meter; "
-                   "coop | gram | apt | apt+coop for clip")
+                   "coop | gram | apt | apt+coop for clip; sdpt | sdpt+head for grounding_dino")
     g.add_argument("--prompt-len", type=int, default=200, help="prompts per layer (paper: 200)")
     g.add_argument("--rank", type=int, default=4, help="APT low-rank size (paper: 4; unused by deep_prompt)")
     d = parser.add_argument_group("data")
@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_clip_arguments(parser)
     _add_scale_arguments(parser)
+
+    from apt_deploy.cli.train_detection import add_detection_arguments
+
+    add_detection_arguments(parser)
 
 
 def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,9 +125,29 @@ def _run_backbone(args: argparse.Namespace, scale: ScaleSettings, ctx: DistConte
 
         refuse_existing(args.out, args.overwrite)
         return train_from_args(args, scale, ctx)
+    if args.backbone == "grounding_dino":
+        from apt_deploy.cli.train_detection import check_detection_flags, train_detection_from_args
+
+        _refuse_scale_out(args, scale, ctx)
+        check_detection_flags(args)
+        refuse_existing(args.out, args.overwrite)
+        return train_detection_from_args(args)
     if args.backbone not in TRAINABLE_BACKBONES:
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vqa(args, scale, ctx)
+
+
+def _refuse_scale_out(args: argparse.Namespace, scale: ScaleSettings, ctx: DistContext) -> None:
+    """Detection training (SDPT) runs in one process, without accumulation, autocast or training checkpoints."""
+    from apt_deploy.settings import ScaleSettings
+
+    asked = {k: getattr(scale, k) for k in ("grad_accum", "precision", "checkpoint_every", "resume")
+             if getattr(scale, k) != getattr(ScaleSettings, k)}
+    if ctx.world_size > 1 or asked:
+        raise ConfigError(f"--backbone {args.backbone} with world size {ctx.world_size} and {asked or 'no scale flags'}",
+                          "one process without --grad-accum / --precision / --checkpoint-every / --resume "
+                          "(the detection loop has not adopted apt_deploy.distributed yet)",
+                          "run it as one plain process, without torchrun and those flags")
 
 
 def train_vqa(args: argparse.Namespace, scale: ScaleSettings | None = None, ctx: DistContext | None = None) -> int:

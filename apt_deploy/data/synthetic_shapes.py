@@ -119,3 +119,72 @@ def write_caption_pairs(root: str | Path, styles: tuple[str, ...], n: int, seed:
 def _check_style(style: str) -> None:
     if style not in STYLES:
         raise UnknownNameError("style", style, STYLES)
+
+
+# --- detection: several shapes per image, with boxes (Grounding DINO / SDPT experiment and tests) ---------
+def render_detection(style: str, rng: np.random.Generator, size: int = 128, max_objects: int = 3,
+                     shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, list[list[float]], list[int]]:
+    """One image with 1..max_objects non-overlapping shapes in ``style``: (image, COCO [x, y, w, h] boxes, labels)."""
+    dark = style == "inverted"
+    bg = tuple(int(v) for v in (rng.integers(0, 50, 3) if dark else rng.integers(190, 256, 3)))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        placed = _place(rng, size, boxes)
+        if placed is None:
+            continue
+        label = int(rng.integers(len(shapes)))
+        fg = tuple(int(v) for v in (rng.integers(170, 256, 3) if dark else rng.integers(0, 140, 3)))
+        cx, cy, r = placed
+        poly = shape_polygon(shapes[label], cx, cy, r, rng.uniform(0, 2 * math.pi) if shapes[label] != "circle" else 0.0)
+        if style == "outline":
+            draw.line(poly + poly[:1], fill=fg, width=2)
+        else:
+            draw.polygon(poly, fill=fg)
+        xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+        x0, y0, x1, y1 = max(0.0, min(xs)), max(0.0, min(ys)), min(float(size), max(xs)), min(float(size), max(ys))
+        boxes.append([x0, y0, x1 - x0, y1 - y0])
+        labels.append(label)
+    return _finish_style(img, style, bg, rng), boxes, labels
+
+
+def _place(rng: np.random.Generator, size: int, boxes: list[list[float]]) -> tuple[float, float, float] | None:
+    """A centre and radius whose square does not overlap ``boxes`` (None after 20 tries)."""
+    for _ in range(20):
+        r = rng.uniform(0.09, 0.2) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        if all(cx + r < x or cx - r > x + w or cy + r < y or cy - r > y + h for x, y, w, h in boxes):
+            return cx, cy, r
+    return None
+
+
+def detection_coco(style: str, n: int, seed: int, size: int = 128, max_objects: int = 3,
+                   shapes: tuple[str, ...] = SHAPES) -> tuple[dict, list[Image.Image]]:
+    """``n`` images of one style as a COCO dict (categories = ``shapes``) and the images in id order."""
+    _check_style(style)
+    rng = np.random.default_rng([seed, STYLES.index(style), 7])
+    coco: dict = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": s} for i, s in enumerate(shapes)]}
+    images = []
+    for i in range(n):
+        img, boxes, labels = render_detection(style, rng, size, max_objects, shapes)
+        coco["images"].append({"id": i + 1, "file_name": f"{style}_{i:05d}.png", "width": size, "height": size})
+        for box, label in zip(boxes, labels):
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": label + 1,
+                                        "bbox": [round(v, 2) for v in box], "area": round(box[2] * box[3], 2),
+                                        "iscrowd": 0})
+        images.append(img)
+    return coco, images
+
+
+def write_detection_coco(root: str | Path, style: str, n: int, seed: int, size: int = 128) -> Path:
+    """Write ``root/<style>_<i>.png`` and ``root/<style>.json`` (COCO format); returns the JSON path."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    coco, images = detection_coco(style, n, seed, size)
+    for entry, img in zip(coco["images"], images):
+        img.save(root / entry["file_name"])
+    path = root / f"{style}.json"
+    path.write_text(json.dumps(coco))
+    return path
