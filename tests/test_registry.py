@@ -26,7 +26,14 @@ def _clip(tmp_path, clip_dir):
     return clip_with_method(clip_dir, "apt+coop")[0], clip_dir
 
 
+def _sd(tmp_path, clip_dir):
+    from tests.sd_helpers import tiny_sd_with_apt
+
+    return tiny_sd_with_apt(tmp_path / "sd")
+
+
 ROUND_TRIPS = {"vilt": _vilt, "clip": _clip}
+ROUND_TRIPS["sd"] = _sd
 
 
 def test_registry_lists_every_backbone_module():
@@ -48,6 +55,8 @@ def test_every_registered_backbone_round_trips(backbone, tmp_path, clip_dir, one
     reloaded = load_trained(model_dir, tmp_path / "prompts")
     out = export_artifact(reloaded, tmp_path / "artifact", ExportSettings(batch_max=2))
     manifest = json.loads((out / "manifest.json").read_text())
-    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert manifest["backbone"] == backbone and len(fused_op.fused_nodes(proto)) == get_backbone(backbone).num_layers(model)
-    assert manifest["validation"]["training_vs_folded"]["runs"] and manifest["validation"]["onnxruntime_vs_torch"]["runs"]
+    # a multi-component artifact (sd) has one model.onnx and one validation per component
+    parts = [(out / c["path"], c["validation"]) for c in manifest.get("components", [])] or [(out, manifest["validation"])]
+    nodes = sum(len(fused_op.fused_nodes(onnx.load(str(d / "model.onnx"), load_external_data=False))) for d, _ in parts)
+    assert manifest["backbone"] == backbone and nodes == get_backbone(backbone).num_layers(model)
+    assert all(v["training_vs_folded"]["runs"] and v["onnxruntime_vs_torch"]["runs"] for _, v in parts)

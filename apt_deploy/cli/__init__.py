@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.bench",
     "apt_deploy.cli.build",
 )
+COMMANDS += ("apt_deploy.cli.generate",)
 
 
 def build_parser() -> argparse.ArgumentParser:
