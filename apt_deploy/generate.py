@@ -143,16 +143,6 @@ def _component_loader(manifest: dict[str, Any], name: str) -> Callable[[], Any]:
     return load
 
 
-def tokenize(tokenizer: Any, prompts: list[str], length: int) -> np.ndarray:
-    """input_ids padded to ``length``; a longer prompt is truncated with a warning (as diffusers does)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
-    if full.shape[-1] > length:
-        cut = tokenizer.batch_decode(full[:, length - 1:-1])
-        log.warning("the prompt is longer than the text encoder's %d tokens and was truncated; dropped: %s", length, cut)
-    return ids.astype(np.int64)
-
-
 def check_size(art: SDArtifact, height: int, width: int) -> None:
     lo, _, hi = art.image_range()
     mult = art.sd["pixel_multiple"]
@@ -174,6 +164,8 @@ def generate(artifact: str | Path | SDArtifact, settings: GenerateSettings) -> G
     guided = settings.guidance > 1.0 and art.sd["guidance"]
     n = settings.batch
     prompts = ([settings.negative_prompt] * n if guided else []) + [settings.prompt] * n
+    from apt_deploy.backbones.sd import tokenize
+
     embeddings = art.run("text_encoder", {"input_ids": tokenize(art.tokenizer(), prompts, art.sd["text_len"])}, timer)  # 2
     f = art.sd["vae_scale_factor"]
     shape = (n, art.sd["latent_channels"], height // f, width // f)

@@ -56,7 +56,8 @@ def test_generate_cli_writes_png_and_refuses_existing(sd_artifact, tmp_path, cap
 
 
 def test_long_prompt_is_truncated_with_a_warning(sd_artifact, caplog):
-    from apt_deploy.generate import SDArtifact, tokenize
+    from apt_deploy.backbones.sd import tokenize
+    from apt_deploy.generate import SDArtifact
 
     art = SDArtifact(sd_artifact["artifact"])
     with caplog.at_level("WARNING"):

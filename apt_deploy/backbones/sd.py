@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import types
 from pathlib import Path
@@ -32,6 +33,8 @@ from torch import nn
 from apt_deploy.backbones.components import ComponentPlan
 from apt_deploy.backbones.registry import BackboneSpec, InputSpec, Site, register_backbone
 from apt_deploy.errors import ConfigError, InputPathError
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SITE_CHOICES: dict[str, tuple[str, ...]] = {"attn2": ("attn2",), "attn1+attn2": ("attn1", "attn2")}
@@ -178,6 +181,16 @@ def _attentions(unet: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, nn.M
     """(name, Attention) of every transformer-block attention whose last name part is in ``kinds``."""
     return [(name, module) for name, module in unet.named_modules()
             if name.rsplit(".", 1)[-1] in kinds and hasattr(module, "to_out") and ".transformer_blocks." in name]
+
+
+def tokenize(tokenizer: Any, prompts: list[str], length: int) -> Any:
+    """input_ids padded to ``length``; a longer prompt is truncated with a warning (as diffusers does)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids
+    full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
+    if full.shape[-1] > length:
+        cut = tokenizer.batch_decode(full[:, length - 1:-1])
+        log.warning("the prompt is longer than the text encoder's %d tokens and was truncated; dropped: %s", length, cut)
+    return ids.astype("int64")
 
 
 def save_sd(model: StableDiffusionModel, directory: str | Path) -> Path:

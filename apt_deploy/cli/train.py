@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works 
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
-TRAINABLE_BACKBONES = ("vilt", "clip")
+TRAINABLE_BACKBONES = ("vilt", "clip", "sd")
 VILT_METHODS = ("apt", "deep_prompt")
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=200, help="prompts per layer (paper: 200)")
     g.add_argument("--rank", type=int, default=4, help="APT low-rank size (paper: 4; unused by deep_prompt)")
     d = parser.add_argument_group("data")
-    d.add_argument("--data", metavar="TRAIN", help='vilt: JSONL, one {"image", "question", "answers"} object per line')
+    d.add_argument("--data", metavar="TRAIN", help='vilt: JSONL, one {"image", "question", "answers"} object per line; '
+                   'sd: a captions JSONL {"image", "caption"} or a folder of images with same-name .txt captions')
     d.add_argument("--answers", metavar="ANSWERS.json", help="vilt: JSON list of answers; index = label id; "
                    "length = the model's num_labels")
     d.add_argument("--eval-data", metavar="EVAL", help="held-out data, evaluated at the end (vilt: VQA accuracy)")
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from apt_deploy.clip_training import add_clip_arguments  # torch-free at import time (tested)
 
     add_clip_arguments(parser)
+    from apt_deploy.cli.sd_options import add_sd_arguments  # torch-free at import time (tested)
+
+    add_sd_arguments(parser)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
         refuse_existing(args.out, args.overwrite)
         return train_from_args(args)
+    if args.backbone == "sd":
+        from apt_deploy.sd_training import train_from_args as train_sd
+
+        refuse_existing(args.out, args.overwrite)
+        return train_sd(args, settings_from_args(args))
     if args.backbone != "vilt":
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vilt(args)
