@@ -144,3 +144,43 @@ def _top_manifest(spec: Any, folded: nn.Module, state: Any, settings: ExportSett
     shared["sha256"] = {k: v for k, v in shared["sha256"].items() if k not in ("onnx", "onnx_data")}
     return {**shared, "components": entries, "assets": assets,
             "fused_op_count": sum(e["fused_op_count"] for e in entries)}
+
+
+class _OutputsAsList(nn.Module):
+    """A component's reference in the torch-cuda runner's form (outputs as a list)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **feed: torch.Tensor) -> list[torch.Tensor]:
+        out = self.module(**feed)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def verify_components(directory: Path, manifest: dict[str, Any], model_dir: str | None, prompts_dir: str | None,
+                      backend: str, seed: int | None) -> dict[str, Any]:
+    """``apt-deploy verify`` for a multi-component artifact: per component, file hashes + checker, fused nodes vs
+    numpy, ``backend`` vs the folded PyTorch component (rebuilt from the source directories). Keys are
+    ``<component>.<check>``."""
+    from apt_deploy.manifest import read_manifest
+    from apt_deploy.pipeline import load_folded_from_manifest
+    from engines.runners import make_runner
+    from exporters.validate import check_fused_nodes, check_integrity
+
+    folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
+    settings = ExportSettings(**manifest["export_settings"])
+    plans = {p.name: p for p in get_backbone(manifest["backbone"]).export_components(folded, settings)}
+    seed = settings.seed if seed is None else seed
+    report: dict[str, Any] = {}
+    for entry in manifest["components"]:
+        name, sub_dir = entry["name"], directory / entry["path"]
+        sub = read_manifest(sub_dir)
+        report[f"{name}.integrity"] = check_integrity(sub_dir, sub)
+        if sub["fused_op"]["count"]:
+            report[f"{name}.fused_op_vs_reference"] = check_fused_nodes(sub_dir / MODEL_NAME)
+        plan = plans[name]
+        extra = {"load_model": lambda plan=plan: _OutputsAsList(plan.reference)} if backend == "torch-cuda" else {}
+        report[f"{name}.{backend}_vs_torch"] = runtime_vs_reference(make_runner(backend, sub_dir, **extra), plan,
+                                                                    sub["dtype"], seed)
+    return report

@@ -148,6 +148,10 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
 
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
+    if "components" in manifest:  # Stable Diffusion: one check set per component
+        from exporters.components import verify_components
+
+        return verify_components(directory, manifest, model_dir, prompts_dir, backend, seed)
     onnx_path = directory / manifest["files"]["model"]
     report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
     if backend == "onnxruntime" and manifest["dtype"] in ORT_CPU_UNSUPPORTED:

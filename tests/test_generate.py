@@ -93,3 +93,25 @@ def test_generate_missing_component_directory(sd_artifact, tmp_path, capsys):
     shutil.rmtree(copy / "vae_decoder")
     assert main(["generate", str(copy), "--prompt", "a", "--out", str(tmp_path / "i.png")]) == 2
     assert "lacks the component directories ['vae_decoder']" in capsys.readouterr().err
+
+
+def test_verify_and_bench_understand_components(sd_artifact, tmp_path, capsys, one_thread):
+    import json
+
+    from apt_deploy.cli import main
+
+    assert main(["verify", str(sd_artifact["artifact"]), "--json", str(tmp_path / "v.json")]) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["unet.fused_op_vs_reference"]["nodes"] == 4 and report["vae_decoder.integrity"]["sha256"] == "ok"
+    assert max(o["max_abs"] for r in report["unet.onnxruntime_vs_torch"]["runs"] for o in r["outputs"]) <= 1e-4
+    assert main(["bench", str(sd_artifact["artifact"]), "--iterations", "2", "--warmup", "1", "--threads", "1",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    names = [a["name"] for a in json.loads((tmp_path / "b.json").read_text())["artifacts"]]
+    assert names == ["artifact/unet", "artifact/text_encoder", "artifact/vae_decoder"]
+
+
+def test_build_refuses_one_out_for_many_components(sd_artifact, capsys):
+    from apt_deploy.cli import main
+
+    assert main(["build", str(sd_artifact["artifact"]), "--out", "x.plan"]) == 2
+    assert "one engine per component" in capsys.readouterr().err
