@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 
+@pytest.mark.slow  # ~25 s idle (a third tiny export); every stage is also covered by a default-run test
 def test_sd_demo_end_to_end(tmp_path, capsys, one_thread):
     from apt_deploy.cli.sd_options import print_sd_summary
     from apt_deploy.sd_demo import SDDemoSettings, run_sd_demo

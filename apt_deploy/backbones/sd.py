@@ -207,8 +207,14 @@ def save_sd(model: StableDiffusionModel, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def cast_component(module: nn.Module, dtype: str) -> nn.Module:
+def check_dtype(dtype: str) -> str:
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype {dtype!r} for Stable Diffusion", f"one of {', '.join(EXPORT_DTYPES)}",
                           "export with --dtype fp32 or fp16")
+    return dtype
+
+
+def cast_component(module: nn.Module, dtype: str) -> nn.Module:
+    """``module`` itself for fp32, else a cast copy (the fp32 original stays the validation reference)."""
+    check_dtype(dtype)
     return module if dtype == "fp32" else copy.deepcopy(module).to(EXPORT_DTYPES[dtype])

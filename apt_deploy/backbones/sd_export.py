@@ -17,7 +17,7 @@ from torch import nn
 
 from apt_deploy.backbones.components import ComponentPlan
 from apt_deploy.backbones.registry import InputSpec
-from apt_deploy.backbones.sd import StableDiffusionModel, cast_component
+from apt_deploy.backbones.sd import StableDiffusionModel, cast_component, check_dtype
 from apt_deploy.errors import ConfigError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -101,8 +101,7 @@ def _batches(g: Geometry, cfg_batch: bool) -> list[int]:
 
 def component_plans(model: StableDiffusionModel, settings: Any) -> list[ComponentPlan]:
     """The three components of a folded (or plain) model, in run order."""
-    g, dtype = geometry(model, settings), settings.dtype
-    cast_component(nn.Identity(), dtype)  # an unsupported dtype fails before any copy
+    g, dtype = geometry(model, settings), check_dtype(settings.dtype)
     fdt = ONNX_DTYPE[dtype]
     return [_text_plan(model, g, dtype), _unet_plan(model, g, dtype, fdt), _vae_plan(model, g, dtype, fdt)]
 
