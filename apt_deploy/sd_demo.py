@@ -27,9 +27,9 @@ RANDOM_WEIGHTS = ("Demo Stable Diffusion has RANDOM WEIGHTS (no pretrained weigh
 @dataclass(frozen=True)
 class SDDemoSettings:
     workdir: str = "apt-deploy-demo-sd"
-    size: str = "small"  # backbones/sd_tiny.py: "tiny" or "small"
+    size: str = "tiny"  # backbones/sd_tiny.py: "tiny" (~0.1 s/step on 1 core) or "small" (~1.2 s/step)
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 4
     lr: float = 5e-3
     num_images: int = 64
     prompt_len: int = 16
@@ -42,11 +42,22 @@ class SDDemoSettings:
 
 def run_sd_demo(settings: SDDemoSettings = SDDemoSettings()) -> dict[str, Any]:
     """Steps 1-5 (module docstring); returns the summary (also WORKDIR/summary.json)."""
-    from apt_deploy.fileio import write_json_atomic
+    import torch
 
     work = Path(settings.workdir)
     work.mkdir(parents=True, exist_ok=True)
     log.warning(RANDOM_WEIGHTS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-off dominates on 2 cores (docs/pitfalls.md 15)
+    try:
+        return _run(work, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(work: Path, settings: SDDemoSettings) -> dict[str, Any]:
+    from apt_deploy.fileio import write_json_atomic
+
     summary: dict[str, Any] = {"settings": asdict(settings), "note": RANDOM_WEIGHTS}
     model, model_dir, pairs = _build(work, settings)                                  # 1
     prompts = _train(model, pairs, work, settings, summary)                           # 2

@@ -8,6 +8,7 @@ from apt_deploy import fileio
 from apt_deploy.errors import ConfigError
 
 BACKBONE_NAMES = ("vilt", "clip")  # for --help only; the registry is the source of truth at run time
+BACKBONE_NAMES += ("sd",)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, prompts_required: bool = True) -> None:
