@@ -28,7 +28,7 @@ def fold_apt_modules(model: nn.Module, spec: BackboneSpec) -> int:
     folded = 0
     for site in spec.apt_sites(model):
         if is_apt_host(site.module):
-            site.replace(site.module.fold_apt())
+            site.replace(spec.fold_apt_site(site))
             folded += 1
     return folded
 

@@ -73,3 +73,10 @@ def onnx_files(directory: str | Path, manifest: dict[str, Any]) -> list[Path]:
             raise InputPathError(f"artifact file {str(path)!r} is missing", "the files listed in manifest.json",
                                  "re-export the artifact")
     return paths
+
+
+def component_dirs(directory: str | Path, manifest: dict[str, Any], first: str = "unet") -> list[tuple[str, Path]]:
+    """(name, directory) of every component of a multi-component artifact (Stable Diffusion), ``first``
+    first (the UNet: it runs once per denoising step); [] for a single-model artifact."""
+    entries = sorted(manifest.get("components") or [], key=lambda c: c["name"] != first)
+    return [(c["name"], Path(directory) / c["path"]) for c in entries]

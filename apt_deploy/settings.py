@@ -270,3 +270,44 @@ class DetectionTrainSettings:
             raise ConfigError(f"steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}, "
                               f"warmup_ratio={self.warmup_ratio}", "steps >= 1, batch_size >= 1, lr > 0, warmup in [0, 1)",
                               "fix --steps / --batch-size / --lr")
+
+
+SD_SCHEDULERS = ("ddim", "euler", "dpm")
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What ``apt-deploy generate`` does (Stable Diffusion artifacts). ``height`` / ``width`` None: the
+    artifact's export size; ``scheduler`` None: the model's own scheduler class."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str | None = None
+    seed: int = 0
+    batch: int = 1
+    backend: str = "onnxruntime"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        import math
+
+        from apt_deploy.errors import ConfigError
+
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"--{name} {value}", "a positive multiple of 8 (the VAE works on 8x8 pixel cells)",
+                                  f"pass e.g. --{name} {max(8, round(value / 8) * 8)}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps {self.steps}", "at least 1 denoising step", "pass e.g. --steps 30")
+        if not math.isfinite(self.guidance):
+            raise ConfigError(f"--guidance {self.guidance}", "a finite guidance scale (<= 1 turns guidance off)",
+                              "pass e.g. --guidance 7.5")
+        if self.batch < 1:
+            raise ConfigError(f"--batch {self.batch}", "at least 1 image per prompt", "pass e.g. --batch 1")
+        if self.scheduler is not None and self.scheduler not in SD_SCHEDULERS:
+            raise ConfigError(f"--scheduler {self.scheduler!r}", f"one of {', '.join(SD_SCHEDULERS)}")

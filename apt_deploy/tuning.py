@@ -94,10 +94,11 @@ def _prepare(model: nn.Module, config: APTConfig) -> tuple[BackboneSpec, str]:
 
 
 def _insert_apt(model: nn.Module, spec: BackboneSpec, config: APTConfig) -> None:
-    """One fresh APTModule per APT site (new parameters train; log_scale as ``config`` says)."""
+    """One fresh APTModule per APT site (new parameters train; log_scale as ``config`` says). A site's
+    ``extra["hidden_size"]`` overrides the model's (Stable Diffusion: the width differs per UNet level)."""
     d = spec.hidden_size(model)
     for site in spec.apt_sites(model):
-        site.replace(spec.wrap_apt(site.module, APTModule(d, config)))
+        site.replace(spec.wrap_apt(site.module, APTModule(site.extra.get("hidden_size", d), config)))
 
 
 def _finish(model: nn.Module, spec: BackboneSpec, config: APTConfig, method: str, fingerprint: str) -> None:

@@ -29,6 +29,8 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
 
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
+    if "components" in manifest:  # Stable Diffusion: one check set per component
+        return verify_components(directory, manifest, model_dir, prompts_dir, backend, seed)
     dtype = manifest["dtype"]
     report: dict[str, Any] = {"integrity": check_integrity(directory, manifest)}
     if backend == "onnxruntime" and dtype in ORT_CPU_UNSUPPORTED:
@@ -57,3 +59,34 @@ def _backend_vs_torch(runner: Any, reference: Any, manifest: dict[str, Any], see
                        tuple(i["max_shape"])) for i in manifest["inputs"]]
     seed = manifest["export_settings"]["seed"] if seed is None else seed
     return runtime_vs_torch(runner, reference.module, reference.spec, reference.folded, specs, manifest["dtype"], seed)
+
+
+def verify_components(directory: Path, manifest: dict[str, Any], model_dir: str | None, prompts_dir: str | None,
+                      backend: str, seed: int | None) -> dict[str, Any]:
+    """``apt-deploy verify`` for a multi-component artifact: per component, file hashes + checker, fused nodes vs
+    numpy, ``backend`` vs the folded PyTorch component (rebuilt from the source directories). Keys are
+    ``<component>.<check>``."""
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.manifest import MODEL_NAME, read_manifest
+    from apt_deploy.pipeline import load_folded_from_manifest
+    from apt_deploy.settings import ExportSettings
+    from engines.runners import make_runner
+    from exporters.components import _OutputsAsList, runtime_vs_reference
+    from exporters.validate import check_fused_nodes, check_integrity
+
+    folded = load_folded_from_manifest(manifest, model_dir, prompts_dir)
+    settings = ExportSettings(**manifest["export_settings"])
+    plans = {p.name: p for p in get_backbone(manifest["backbone"]).export_components(folded, settings)}
+    seed = settings.seed if seed is None else seed
+    report: dict[str, Any] = {}
+    for entry in manifest["components"]:
+        name, sub_dir = entry["name"], directory / entry["path"]
+        sub = read_manifest(sub_dir)
+        report[f"{name}.integrity"] = check_integrity(sub_dir, sub)
+        if sub["fused_op"]["count"]:
+            report[f"{name}.fused_op_vs_reference"] = check_fused_nodes(sub_dir / MODEL_NAME)
+        plan = plans[name]
+        extra = {"load_model": lambda plan=plan: _OutputsAsList(plan.reference)} if backend == "torch-cuda" else {}
+        report[f"{name}.{backend}_vs_torch"] = runtime_vs_reference(make_runner(backend, sub_dir, **extra), plan,
+                                                                    sub["dtype"], seed)
+    return report

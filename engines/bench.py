@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from apt_deploy.errors import ConfigError
-from apt_deploy.manifest import now_iso, onnx_files, read_manifest, tool_versions
+from apt_deploy.manifest import component_dirs, now_iso, onnx_files, read_manifest, tool_versions
 from apt_deploy.progress import progress, timed_step
 from engines.machine import (MB, OtherLoadMeter, PeakRssSampler, load_average, machine_info,
                              process_peak_rss_bytes)
@@ -76,14 +76,24 @@ def load_artifacts(dirs: Sequence[str | Path]) -> list[Artifact]:
     if not dirs:
         raise ConfigError("no artifact directory given", "one or more ARTIFACT_DIRs", "pass artifact directories")
     out: list[Artifact] = []
-    for d in dirs:
+    for d, manifest in _expand_components(dirs):
         path = Path(d)
-        manifest = read_manifest(path)
-        base = name = path.resolve().name
+        base = name = f"{path.resolve().parent.name}/{path.name}" if manifest.get("component") else path.resolve().name
         k, taken = 2, {a.name for a in out}
         while name in taken:
             name, k = f"{base}#{k}", k + 1
         out.append(Artifact(name, path, manifest))
+    return out
+
+
+def _expand_components(dirs: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, manifest) per artifact; a multi-component artifact (Stable Diffusion) becomes one entry
+    per component, the UNet first."""
+    out = []
+    for d in dirs:
+        manifest = read_manifest(d)
+        parts = component_dirs(d, manifest)
+        out += [(p, read_manifest(p)) for _, p in parts] if parts else [(Path(d), manifest)]
     return out
 
 

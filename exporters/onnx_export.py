@@ -57,6 +57,11 @@ def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSetti
     state = _method_state(model)
     spec = get_backbone(state.backbone)
     folded = fold(model) if fold_first and not state.folded else model
+    plans = spec.export_components(folded, settings)
+    if plans is not None:  # a multi-component model (Stable Diffusion): one ONNX per component
+        from exporters.components import export_components_artifact
+
+        return export_components_artifact(model, folded, state, plans, out_dir, settings, source)
     cast = _cast(folded, settings.dtype)
     module = spec.export_module(cast)
     specs = _input_specs(spec, folded, settings)
@@ -80,18 +85,27 @@ def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: 
     """torch.onnx.export (dynamo) with the fused op as an opaque node, then the function attached.
     ``model`` is the (cast) HF model ``module`` was derived from; the spec's export patches apply to it."""
     example = cast_feed(spec.dummy_inputs(model, specs, "opt", settings.seed), settings.dtype)
-    names = [s.name for s in specs]
+    with spec.export_context(model):
+        return export_program(module, example, [s.name for s in specs], spec.output_names(model),
+                              _dynamic_shapes(spec, model, specs), path, settings, spec.name)
+
+
+def export_program(module: nn.Module, example: dict[str, torch.Tensor], input_names: list[str],
+                   output_names: list[str], dynamic_shapes: dict[str, dict[int, Any]], path: Path,
+                   settings: ExportSettings, what: str) -> Path:
+    """The one torch.onnx.export call (dynamo, fused op opaque, external data when large), then
+    :func:`attach_and_check`. Used by the single-model path and per component (exporters/components.py)."""
     logging.getLogger(TORCH_ONNX_REGISTRATION_LOGGER).addFilter(_TORCHVISION_FILTER)  # idempotent
-    with torch.no_grad(), spec.export_context(model), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, args=(), kwargs=example, dynamo=True, input_names=names,
-                output_names=spec.output_names(model), dynamic_shapes=_dynamic_shapes(spec, model, specs),
+                module, args=(), kwargs=example, dynamo=True, input_names=input_names,
+                output_names=output_names, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=fused_op.translation_table(), optimize=True, verbose=False,
                 opset_version=OPSETS.get(settings.dtype))
         except Exception as e:  # torch raises many types here; keep the cause chained
-            raise ExportError(f"torch.onnx.export failed for {spec.name}: {type(e).__name__}: {str(e)[:2000]}",
+            raise ExportError(f"torch.onnx.export failed for {what}: {type(e).__name__}: {str(e)[:2000]}",
                               "an exportable folded model", "see docs/pitfalls.md; re-run with -vv for the trace") from e
     external = settings.external_data
     if external is None:

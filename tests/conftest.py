@@ -135,3 +135,29 @@ def clip_artifact(clip_dir, tmp_path_factory) -> Path:
     model, _ = clip_with_method(clip_dir, "coop")
     return export_artifact(model, tmp_path_factory.mktemp("clipart") / "artifact", ExportSettings(batch_max=4),
                            source={"model_dir": str(clip_dir)})
+
+
+@pytest.fixture(scope="session")
+def sd_artifact(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Stable Diffusion directory, APT (attn2) prompts on it and their fp32 artifact, exported once."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    import apt_deploy as ad
+    from apt_deploy.pipeline import load_trained
+    from apt_deploy.settings import ExportSettings
+    from exporters.onnx_export import export_artifact
+    from tests.clip_helpers import single_thread
+    from tests.sd_helpers import tiny_sd_with_apt
+
+    root = tmp_path_factory.mktemp("sd")
+    before = single_thread()
+    try:
+        model, model_dir = tiny_sd_with_apt(root / "model")
+        ad.save_prompts(model, root / "prompts")
+        source = {"model_dir": str(model_dir), "prompts_dir": str(root / "prompts")}
+        artifact = export_artifact(load_trained(model_dir, root / "prompts"), root / "artifact",
+                                   ExportSettings(batch_max=2), source=source)
+    finally:
+        torch.set_num_threads(before)
+    return {"root": root, "model_dir": model_dir, "prompts": root / "prompts", "artifact": artifact}

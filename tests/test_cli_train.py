@@ -100,7 +100,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(workspace, tmp_path, capsys, cha
 
 def test_unknown_backbone_lists_the_trainable_ones(workspace, tmp_path, capsys):
     assert main(args(workspace, tmp_path / "out", "--backbone", "not-a-backbone")) == 2
-    assert "one of: clip, grounding_dino, meter, vilt" in capsys.readouterr().err
+    assert "one of: clip, grounding_dino, meter, sd, vilt" in capsys.readouterr().err
 
 
 def test_help_works_without_torch():

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[BackboneSpec]] = {}
 # Modules that register backbones when imported (kept explicit so the registry test can check it).
 BACKBONE_MODULES: tuple[str, ...] = ("apt_deploy.backbones.vilt", "apt_deploy.backbones.clip",
-                                     "apt_deploy.backbones.meter", "apt_deploy.backbones.grounding_dino")
+                                     "apt_deploy.backbones.meter", "apt_deploy.backbones.grounding_dino",
+                                     "apt_deploy.backbones.sd")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class BackboneSpec:
         from apt_deploy.methods.apt import APTOutputProjection
 
         return APTOutputProjection(host.dense, host.dropout, apt)
+
+    def fold_apt_site(self, site: Site) -> nn.Module:
+        """The folded replacement of an APT site's module (default: its own ``fold_apt()``; Stable
+        Diffusion's processors also need their host attention, ``site.parent``)."""
+        return site.module.fold_apt()
 
     def method_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Trained tensors owned by the backbone glue (e.g. ViLT's learned [CLS] embedding), by checkpoint name."""
@@ -199,6 +205,16 @@ class BackboneSpec:
     def export_context(self, model: nn.Module) -> Iterator[None]:
         """Patches that make the model exportable (and that parity runs must share)."""
         yield
+
+    def export_components(self, model: nn.Module, settings: Any) -> list[Any] | None:
+        """Multi-component models (Stable Diffusion): the components to export, each a
+        ``backbones.components.ComponentPlan``. None (the default): the single-model path."""
+        return None
+
+    def write_assets(self, model: nn.Module, directory: Path) -> dict[str, str]:
+        """Non-ONNX files a multi-component artifact needs at run time (tokenizer, scheduler config),
+        written into ``directory``; returns name -> relative path for the manifest."""
+        return {}
 
     # --- tests -----------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, **kwargs: Any) -> nn.Module:

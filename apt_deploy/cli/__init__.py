@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.loadtest",
     "apt_deploy.cli.import_",
 )
+COMMANDS += ("apt_deploy.cli.generate",)
 
 
 def _verbosity_parser(suffix: str) -> argparse.ArgumentParser:

@@ -48,11 +48,18 @@ def parse_size(text: str | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apt_deploy.manifest import component_dirs, read_manifest
     from engines.trt_build import build_engine
 
-    path = build_engine(args.artifact, precision=args.precision, use_plugin=not args.no_plugin, out=args.out,
-                        timing_cache=args.timing_cache, workspace_bytes=parse_size(args.workspace),
-                        builder_optimization_level=args.opt_level, tf32=args.tf32, plugin_mode=args.plugin_mode,
-                        force=args.force)
-    print(f"build: wrote {path}")
+    # a multi-component artifact (Stable Diffusion): one engine per component, each in its own directory
+    parts = component_dirs(args.artifact, read_manifest(args.artifact))
+    if parts and args.out:
+        raise ConfigError(f"--out {args.out} for a multi-component artifact", "no --out (one engine per component, "
+                          "written into each component's directory)", "drop --out")
+    for directory in [p for _, p in parts] or [args.artifact]:
+        path = build_engine(directory, precision=args.precision, use_plugin=not args.no_plugin, out=args.out,
+                            timing_cache=args.timing_cache, workspace_bytes=parse_size(args.workspace),
+                            builder_optimization_level=args.opt_level, tf32=args.tf32, plugin_mode=args.plugin_mode,
+                            force=args.force)
+        print(f"build: wrote {path}")
     return 0

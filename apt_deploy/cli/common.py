@@ -7,7 +7,7 @@ import argparse
 from apt_deploy import fileio
 from apt_deploy.errors import ConfigError
 
-BACKBONE_NAMES = ("vilt", "clip", "meter", "grounding_dino")  # for --help only; the registry is the source of truth at run time
+BACKBONE_NAMES = ("vilt", "clip", "meter", "grounding_dino", "sd")  # for --help only; the registry is the source of truth at run time
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, prompts_required: bool = True) -> None:

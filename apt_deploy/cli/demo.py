@@ -21,9 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--latency-iterations", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", choices=("vilt", "sd"), default="vilt",
+                        help="vilt (default): the VQA job above; sd: a small random-weight Stable Diffusion, APT on its "
+                             "UNet trained on synthetic captioned images, exported, an image generated on ONNX Runtime "
+                             "and compared with diffusers (uses --workdir/--steps/--prompt-len/--rank/--seed when given)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backbone == "sd":
+        from apt_deploy.cli.sd_options import run_sd_demo_from_args
+
+        return run_sd_demo_from_args(args)
     from apt_deploy.demo import run_demo
     from apt_deploy.settings import DemoSettings
 

@@ -41,5 +41,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_trained(args.model, args.prompts, args.backbone)
         source["prompts_dir"] = str(Path(args.prompts).resolve())
     out = export_artifact(model, args.out, settings, source=source)
-    print(f"wrote {out}/model.onnx and {out}/manifest.json")
+    from apt_deploy.manifest import component_dirs, read_manifest
+
+    parts = component_dirs(out, read_manifest(out))
+    files = ", ".join(f"{name}/model.onnx" for name, _ in parts) if parts else "model.onnx"
+    print(f"wrote {out}/{{{files}}} and {out}/manifest.json" if parts else f"wrote {out}/model.onnx and {out}/manifest.json")
     return 0

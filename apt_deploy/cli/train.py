@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch-free at import time: `apt-deploy train --help` works 
 
 NAME = "train"
 HELP = "train APT or deep-prompt tensors on local data (official recipe) and save a prompt checkpoint"
-TRAINABLE_BACKBONES = ("vilt", "clip", "meter", "grounding_dino")
+TRAINABLE_BACKBONES = ("vilt", "clip", "meter", "grounding_dino", "sd")
 VILT_METHODS = ("apt", "deep_prompt")  # the VQA backbones (vilt, meter)
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=200, help="prompts per layer (paper: 200)")
     g.add_argument("--rank", type=int, default=4, help="APT low-rank size (paper: 4; unused by deep_prompt)")
     d = parser.add_argument_group("data")
-    d.add_argument("--data", metavar="TRAIN", help='vilt / meter: JSONL, one {"image", "question", "answers"} object per line')
+    d.add_argument("--data", metavar="TRAIN", help='vilt / meter: JSONL, one {"image", "question", "answers"} object per '
+                   'line; sd: a captions JSONL {"image", "caption"} or a folder of images with same-name .txt captions')
     d.add_argument("--answers", metavar="ANSWERS.json", help="vilt / meter: JSON list of answers; index = label id. "
                    "vilt: when it differs from the model's VQA head (size or labels), or the model has none, a fresh "
                    "head is built; meter: length = the model's num_labels")
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from apt_deploy.cli.train_detection import add_detection_arguments
 
     add_detection_arguments(parser)
+
+    from apt_deploy.cli.sd_options import add_sd_arguments  # torch-free at import time (tested)
+
+    add_sd_arguments(parser)
 
 
 def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,13 +137,19 @@ def _run_backbone(args: argparse.Namespace, scale: ScaleSettings, ctx: DistConte
         check_detection_flags(args)
         refuse_existing(args.out, args.overwrite)
         return train_detection_from_args(args)
+    if args.backbone == "sd":
+        from apt_deploy.sd_training import train_from_args as train_sd
+
+        _refuse_scale_out(args, scale, ctx)
+        refuse_existing(args.out, args.overwrite)
+        return train_sd(args, settings_from_args(args))
     if args.backbone not in TRAINABLE_BACKBONES:
         raise UnknownNameError("backbone for training", args.backbone, TRAINABLE_BACKBONES)
     return train_vqa(args, scale, ctx)
 
 
 def _refuse_scale_out(args: argparse.Namespace, scale: ScaleSettings, ctx: DistContext) -> None:
-    """Detection training (SDPT) runs in one process, without accumulation, autocast or training checkpoints."""
+    """Detection (SDPT) and SD training run in one process, without accumulation, autocast or training checkpoints."""
     from apt_deploy.settings import ScaleSettings
 
     asked = {k: getattr(scale, k) for k in ("grad_accum", "precision", "checkpoint_every", "resume")
@@ -146,7 +157,7 @@ def _refuse_scale_out(args: argparse.Namespace, scale: ScaleSettings, ctx: DistC
     if ctx.world_size > 1 or asked:
         raise ConfigError(f"--backbone {args.backbone} with world size {ctx.world_size} and {asked or 'no scale flags'}",
                           "one process without --grad-accum / --precision / --checkpoint-every / --resume "
-                          "(the detection loop has not adopted apt_deploy.distributed yet)",
+                          "(this training loop has not adopted apt_deploy.distributed yet)",
                           "run it as one plain process, without torchrun and those flags")
 
 
