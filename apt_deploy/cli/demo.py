@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
-HELP = ("train APT on a built-in synthetic VQA task with a small random-init ViLT (or METER), fold, export to ONNX, "
+HELP = ("train APT on a built-in synthetic VQA task with a small random-init ViLT (or METER; or Stable Diffusion on captioned images), fold, export to ONNX, "
         "validate parity and time ONNX Runtime (no network, no GPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="apt-deploy-demo", help="where the model, prompts and artifacts go")
-    parser.add_argument("--backbone", choices=("vilt", "meter"), default="vilt",
-                        help="vilt (default) or meter (a tiny random METER, the official APT-METER recipe)")
+    parser.add_argument("--backbone", choices=("vilt", "meter", "sd"), default="vilt",
+                        help="vilt (default): the VQA job above; meter: a tiny random METER, the official APT-METER "
+                             "recipe; sd: a small random-weight Stable Diffusion, APT on its UNet trained on synthetic "
+                             "captioned images, exported, an image generated on ONNX Runtime and compared with diffusers "
+                             "(uses --workdir/--steps/--prompt-len/--rank/--seed when given)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500, ~1 min on 2 cores)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=50, help="APT prompt count p (default 50)")
@@ -21,10 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--latency-iterations", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backbone", choices=("vilt", "sd"), default="vilt",
-                        help="vilt (default): the VQA job above; sd: a small random-weight Stable Diffusion, APT on its "
-                             "UNet trained on synthetic captioned images, exported, an image generated on ONNX Runtime "
-                             "and compared with diffusers (uses --workdir/--steps/--prompt-len/--rank/--seed when given)")
 
 
 def run(args: argparse.Namespace) -> int:
