@@ -23,7 +23,7 @@ L0_MODULES: frozenset[str] = frozenset({
 L4_PREFIXES: tuple[str, ...] = (
     "apt_deploy.__main__", "apt_deploy.cli", "apt_deploy.demo", "apt_deploy.pipeline", "apt_deploy.verification",
     "apt_deploy.experiments", "apt_deploy.serving", "apt_deploy.importers", "apt_deploy.generation",
-    "apt_deploy.detection_predict",
+    "apt_deploy.detection_predict", "apt_deploy.generate", "apt_deploy.sd_demo",
 )
 LAYER_NAMES: dict[int, str] = {0: "L0 core", 1: "L1 engines", 2: "L2 torch side", 3: "L3 exporters", 4: "L4 app"}
 # layer -> the layers its modules may import

@@ -160,10 +160,19 @@ class BackboneSpec:
 
     def load_with_head(self, model_dir: str, labels: list[str]) -> tuple[nn.Module, str | None]:
         """The model with an answer head of ``len(labels)`` outputs named ``labels``, and why a fresh head was
-        built (None: the checkpoint's own head fits). Families without an answer head refuse."""
+        built (None: the checkpoint's own head fits). Default, for families that cannot rebuild a head: the
+        checkpoint's own head when its size fits, else a clear refusal."""
         from apt_deploy.errors import ConfigError
 
-        raise ConfigError(f"backbone {self.name!r} has no answer head", "a backbone with a classification head (vilt)")
+        model = self.load(model_dir)
+        config = getattr(model, "config", None)
+        if getattr(config, "num_labels", None) != len(labels):
+            raise ConfigError(f"backbone {self.name!r} with a head of {getattr(config, 'num_labels', 'no')} outputs "
+                              f"for {len(labels)} labels", "a checkpoint whose answer head has one output per label",
+                              f"use the model the prompts were trained on ({self.name} cannot rebuild a head)")
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {a: i for i, a in enumerate(labels)}
+        return model, None
 
     def resize_head(self, model: nn.Module, labels: list[str]) -> None:
         """Replace the answer head by a freshly initialised one with ``len(labels)`` outputs. In place."""
