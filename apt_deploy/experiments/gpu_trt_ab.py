@@ -14,7 +14,6 @@ both with the ``trt`` runner, interleaved, after checking both against ONNX Runt
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import subprocess
@@ -103,8 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from apt_deploy.errors import AptDeployError
-    from apt_deploy.fileio import write_json_atomic
+    from engines.report_cli import report_main
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="python -m apt_deploy.experiments.gpu_trt_ab", description=__doc__.split("\n\n")[0])
@@ -113,15 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON report here (atomically)")
     parser.add_argument("--dry-run", action="store_true", help="say what would run; needs no GPU")
     args = parser.parse_args(argv)
-    try:
-        report = run(args)
-    except AptDeployError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_json_atomic(args.out, report)
-    print(json.dumps(report, indent=1))
-    return 0
+    return report_main(run, args)
 
 
 if __name__ == "__main__":

@@ -133,22 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    from apt_deploy.errors import AptDeployError
-    from apt_deploy.fileio import write_json_atomic
+    from engines.report_cli import report_main
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except AptDeployError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_json_atomic(args.out, report)
-    print(json.dumps(report, indent=1))
-    return 0
+    return report_main(run, args)
 
 
 if __name__ == "__main__":
