@@ -85,7 +85,7 @@ def test_broken_model_dir_at_export(tiny_dirs, tmp_path, capsys, damage, match):
 ])
 def test_verbosity_flags_before_and_after_the_subcommand(monkeypatch, argv, verbose, quiet):
     seen = []
-    monkeypatch.setattr(cli, "_setup_logging", lambda v, q: seen.append((v, q)))
+    monkeypatch.setattr(cli, "setup_logging", lambda v, q: seen.append((v, q)))
     import apt_deploy.cli.verify as verify
 
     monkeypatch.setattr(verify, "run", lambda args: 0)

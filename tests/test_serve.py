@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,21 +16,12 @@ import numpy as np
 import pytest
 
 from apt_deploy.features import has, why_missing
+from apt_deploy.experiments.serve_loadtest import free_ports
 from tests.test_serving_artifact import png_bytes
 
 pytestmark = [pytest.mark.skipif(not has(m), reason=why_missing(m)) for m in ("pytriton", "tritonclient")]
 ROOT = Path(__file__).resolve().parents[1]
 MAX_IMAGE_BYTES = 50_000
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

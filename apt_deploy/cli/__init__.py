@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "torch", "transformers", "onnx_ir", "httpx"):
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     verbose, quiet = args.verbose + args.verbose_after, args.quiet or args.quiet_after
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     try:
         return int(args._run(args) or 0)
     except AptDeployError as e:

@@ -140,13 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     """1. build METER-B  2. export every variant (parity-checked)  3. time them interleaved  4. write the JSON."""
     import torch
 
+    from apt_deploy.cli import setup_logging
     from apt_deploy.models.meter import MeterModel, meter_b_config, tiny_meter_config
     from engines.bench import benchmark, format_table
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(verbose=0, quiet=False)  # the CLI's: INFO, library chatter at WARNING
     config = tiny_meter_config(image_size=IMAGE, max_text_len=TEXT_LEN) if args.smoke else meter_b_config(IMAGE)
     torch.manual_seed(0)
     base = MeterModel(config).eval()

@@ -266,10 +266,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apt_deploy.cli import setup_logging
+
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(verbose=0, quiet=False)  # the CLI's: INFO, library chatter at WARNING
     chosen = {g: vs for g, vs in groups().items() if g in args.groups.split(",")}
     workdir, config = Path(args.workdir), {**VILT_B, **(SMOKE if args.smoke else {})}
     shape = shape_of(config)

@@ -37,7 +37,7 @@ def run(work: Path, artifact: Path | None, concurrency: int, requests: int) -> d
     from apt_deploy.serving.server import Endpoints, TritonServer, repository_for
 
     artifact = artifact or demo_shaped_artifact(work)
-    ports = _free_ports(3)
+    ports = free_ports(3)
     endpoints = Endpoints("127.0.0.1", *ports)
     with tempfile.TemporaryDirectory() as tmp, \
             TritonServer(repository_for(artifact, "vqa", Path(tmp)), endpoints, log_file=work / "triton.log") as server:
@@ -50,7 +50,8 @@ def run(work: Path, artifact: Path | None, concurrency: int, requests: int) -> d
             "ready_seconds": round(ready, 2), "sequential": sequential, "concurrent": concurrent}
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (bound together, then released for the server to take)."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
