@@ -147,29 +147,41 @@ class BenchSettings:
 class GateSettings:
     """The statistical latency gate (``bench --compare`` and ``--baseline``; engines.stats, docs/benchmarks.md).
 
-    Timing stops at the first check where the interval's half-width is <= ``target_half_width`` (after
-    ``min_iterations`` rounds), or when ``budget_s`` of timing or ``max_iterations`` rounds are spent."""
+    ``--compare`` times blocks: each block creates ``sessions`` fresh sessions per artifact and times them
+    in paired, shuffled rounds for ``block_s`` seconds (at least ``block_min_rounds`` rounds); after
+    ``min_blocks`` blocks it stops at the first block where the interval's half-width is <=
+    ``target_half_width``, or once ``budget_s`` seconds (session creation included) or ``max_blocks`` are
+    spent. ``--baseline`` times one session per artifact: it stops at the first check where the half-width
+    is <= the target (after ``min_iterations`` rounds), or when ``budget_s`` of timing or ``max_iterations``
+    rounds are spent."""
 
     max_regression: float = 0.02  # regression: the whole CI of the p50 ratio above 1 + this
     max_regression_p99: float = 0.10  # the same for p99 (--baseline only)
     confidence: float = 0.95
-    resamples: int = 2000  # bootstrap resamples
+    resamples: int = 2000  # bootstrap resamples (--baseline)
     target_half_width: float = 0.01  # stop once the CI is +-1 % wide
-    budget_s: float = 30.0  # timing seconds at most (loading and warm-up not counted)
-    min_iterations: int = 20
-    max_iterations: int = 5000
-    check_every: int = 10  # rounds between interval checks
-    sessions: int = 3  # sessions per artifact (--compare): a whole session can be a few % fast or slow
+    budget_s: float = 60.0  # seconds at most (--compare: no block starts after it; --baseline: timing only)
+    min_iterations: int = 20  # --baseline: rounds before the first check
+    max_iterations: int = 5000  # --baseline: rounds at most
+    check_every: int = 10  # --baseline: rounds between interval checks
+    sessions: int = 1  # --compare: fresh sessions per artifact in each block
+    block_s: float = 1.0  # --compare: timing seconds per block
+    block_min_rounds: int = 10  # --compare: rounds per block at least (slow models: blocks last longer)
+    min_blocks: int = 8  # --compare: blocks always timed (the budget cannot stop it before)
+    max_blocks: int = 500  # --compare: blocks at most
 
     def __post_init__(self) -> None:
         from apt_deploy.errors import ConfigError
 
         if not (0 < self.confidence < 1 and self.resamples >= 100 and self.target_half_width > 0 and self.budget_s > 0
                 and 2 <= self.min_iterations <= self.max_iterations and self.check_every >= 1 and self.sessions >= 1
+                and self.block_s > 0 and self.block_min_rounds >= 1 and 2 <= self.min_blocks <= self.max_blocks
                 and self.max_regression >= 0 and self.max_regression_p99 >= 0):
             raise ConfigError(f"gate settings {self}", "0 < confidence < 1, resamples >= 100, target CI > 0, budget > 0, "
-                              "2 <= min_iterations <= max_iterations, check_every >= 1, sessions >= 1, thresholds >= 0",
-                              "fix --confidence / --target-ci / --budget / --min-iterations / --max-iterations")
+                              "2 <= min_iterations <= max_iterations, check_every >= 1, sessions >= 1, block seconds > 0, "
+                              "block rounds >= 1, 2 <= min_blocks <= max_blocks, thresholds >= 0",
+                              "fix --confidence / --target-ci / --budget / --min-iterations / --max-iterations / --sessions / "
+                              "--block-seconds / --min-blocks")
 
 
 @dataclass(frozen=True)

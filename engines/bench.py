@@ -207,10 +207,10 @@ class Prepared(NamedTuple):
     memory: dict[str, float]
 
 
-def prepare(target: Target, settings: BenchSettings) -> Prepared:
+def prepare(target: Target, settings: BenchSettings, logger: logging.Logger = log) -> Prepared:
     """Runner created and warmed up under the RSS sampler; returns (runner, feed, memory)."""
     feed = build_feed(target.artifact.manifest, settings.batch, settings.seed)
-    with timed_step(f"load + warm up {target.name} ({settings.warmup} runs)", log), PeakRssSampler() as mem:
+    with timed_step(f"load + warm up {target.name} ({settings.warmup} runs)", logger), PeakRssSampler() as mem:
         runner = target.make()
         runner.activate()
         for _ in range(settings.warmup):

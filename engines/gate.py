@@ -1,13 +1,17 @@
 """``bench --compare BASE CANDIDATE``: an interleaved A/B in one process with a statistical verdict.
 
-Each artifact gets ``GateSettings.sessions`` ONNX Runtime sessions, created in a seeded random order: on a
-loaded machine a whole session can run a few % faster or slower than an identical one (seen here: up to
-2 to 8 % between sessions of the same file), so one session per side would turn that into a false verdict.
-All sessions are timed by the one timing core (engines.bench.benchmark -> engines.timing) in paired,
-shuffled rounds. The rounds go on until the bootstrap interval (sessions and blocks of rounds resampled,
-engines.stats.replicated_ratio) of the p50 of the per-round ratios candidate/base is narrow enough (``GateSettings.target_half_width``), or the time budget or the round
-limit is spent (:class:`AdaptiveStop`, also used by the baseline gate). The verdict and the smallest
-detectable regression come from engines.stats.
+The run is cut into blocks. Each block creates fresh sessions of both artifacts (``GateSettings.sessions``
+each, in a seeded random creation order), warms them up and times them in paired, shuffled rounds with the
+one timing core (engines.timing) for ``GateSettings.block_s`` seconds; the block's value is the p50 of its
+per-round ratios candidate/base. Why blocks: on this 2-core machine a whole ONNX Runtime session can run
+2 to 8 % faster or slower than an identical one (memory layout, its threads' placement), so a verdict
+from a few sessions carries their luck (the first gate, 3 sessions per side for the whole run, gave
+A/A ratios from 0.97 to 1.02). Blocks are independent replicates: engines.stats.blocked_ratio gives the
+geometric mean and a Student-t interval over them. After ``min_blocks`` blocks the run stops once the
+interval's half-width reaches ``target_half_width``, or when ``budget_s`` or ``max_blocks`` is spent. The
+verdict and the smallest detectable regression come from engines.stats.
+
+:class:`AdaptiveStop` is the round-wise stop rule of the ``--baseline`` gate (one session per artifact).
 """
 
 from __future__ import annotations
@@ -15,19 +19,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from apt_deploy.errors import RegressionError
 from apt_deploy.settings import BenchSettings, GateSettings
-from engines.bench import RunnerFactory, benchmark
-from engines.stats import REGRESSION, assess, replicated_ratio
+from engines.bench import (RunnerFactory, Target, artifact_targets, build_report, default_factory, load_artifacts,
+                           prepare, resolve)
+from engines.machine import OtherLoadMeter, load_average
+from engines.stats import REGRESSION, assess, blocked_ratio
+from engines.timing import time_interleaved
 
 log = logging.getLogger(__name__)
+SESSION_LOG = logging.getLogger(f"{__name__}.sessions")  # each block's session loads: not logged (a line per block is)
+SESSION_LOG.setLevel(logging.WARNING)
 Times = list[list[float]]
 HalfWidth = Callable[[list[str], Times], float]
-PRECISION, BUDGET, MAX_ROUNDS = "precision reached", "time budget spent", "max iterations reached"
+PRECISION, BUDGET, MAX_ROUNDS, MAX_BLOCKS = ("precision reached", "time budget spent", "max iterations reached",
+                                             "max blocks reached")
 
 
 class AdaptiveStop:
@@ -62,45 +74,106 @@ def interim_resamples(gate: GateSettings) -> int:
 
 
 def session_plan(gate: GateSettings, seed: int) -> list[int]:
-    """Which artifact each session is (0 base, 1 candidate), ``gate.sessions`` of each, in a seeded random
-    creation order (a session created first or last must not always be the same artifact's)."""
-    import numpy as np
-
+    """Which artifact each session of a block is (0 base, 1 candidate), ``gate.sessions`` of each, in a seeded
+    random creation order (a session created first or last must not always be the same artifact's)."""
     plan = [0] * gate.sessions + [1] * gate.sessions
     return [plan[i] for i in np.random.default_rng(seed + 7919).permutation(len(plan))]
+
+
+@dataclass
+class Block:
+    """One block: per round, the mean time of each side's sessions (seconds), and the memory of its loads."""
+
+    base: list[float]
+    candidate: list[float]
+    memory: list[dict[str, float]]
+
+    @property
+    def ratio(self) -> float:
+        return float(np.median(np.asarray(self.candidate) / np.asarray(self.base)))
+
+
+class BlockStop:
+    """Ends a block's rounds after ``block_s`` seconds of timing and at least ``block_min_rounds`` rounds."""
+
+    def __init__(self, gate: GateSettings):
+        self.gate = gate
+
+    def __call__(self, times: Times) -> bool:
+        rounds = len(times[0])
+        return rounds >= self.gate.block_min_rounds and sum(sum(t) for t in times) >= self.gate.block_s
+
+
+def time_block(targets: list[Target], settings: BenchSettings, gate: GateSettings, index: int,
+               clock: Callable[[], float]) -> Block:
+    """Fresh sessions (seeded creation order), warmed up, timed in paired shuffled rounds, then released."""
+    plan = session_plan(gate, settings.seed + index)
+    prepared = []
+    try:
+        for side in plan:
+            prepared.append(prepare(targets[side], settings, SESSION_LOG))
+        times = time_interleaved([p.runner for p in prepared], [p.feed for p in prepared], gate.max_iterations,
+                                 warmup=1, clock=clock, seed=settings.seed + index, shuffle=settings.shuffle,
+                                 stop=BlockStop(gate))
+    finally:
+        for p in prepared:
+            p.runner.deactivate()
+    per_side = [np.mean([times[i] for i, s in enumerate(plan) if s == side], axis=0).tolist() for side in (0, 1)]
+    return Block(per_side[0], per_side[1], [prepared[plan.index(side)].memory for side in (0, 1)])
+
+
+def run_blocks(targets: list[Target], settings: BenchSettings, gate: GateSettings,
+               clock: Callable[[], float]) -> tuple[list[Block], str, list[list[float]]]:
+    """Blocks until the interval is narrow enough (after ``min_blocks``), the budget or ``max_blocks`` is spent."""
+    blocks: list[Block] = []
+    checks: list[list[float]] = []
+    t0, reason = clock(), MAX_BLOCKS
+    while len(blocks) < gate.max_blocks:
+        blocks.append(time_block(targets, settings, gate, len(blocks), clock))
+        if len(blocks) < gate.min_blocks:
+            log.info("block %d: ratio %.4f (%d rounds)", len(blocks), blocks[-1].ratio, len(blocks[-1].base))
+            continue
+        width = blocked_ratio([b.ratio for b in blocks], gate.confidence).half_width
+        checks.append([len(blocks), round(width, 5)])
+        log.info("block %d: ratio %.4f (%d rounds); CI half-width over %d blocks %.2f %% (target %.2f %%)",
+                 len(blocks), blocks[-1].ratio, len(blocks[-1].base), len(blocks), width * 100,
+                 gate.target_half_width * 100)
+        if width <= gate.target_half_width:
+            reason = PRECISION
+            break
+        if clock() - t0 >= gate.budget_s:
+            reason = BUDGET
+            break
+    return blocks, reason, checks
 
 
 def compare_artifacts(base: str | Path, candidate: str | Path, settings: BenchSettings | None = None,
                       gate: GateSettings | None = None, factory: RunnerFactory | None = None,
                       clock: Callable[[], float] | None = None) -> dict[str, Any]:
-    """The bench report of ``gate.sessions`` sessions each of BASE and CANDIDATE (adaptive rounds) with a
-    ``compare`` section: the p50 ratio candidate/base, its interval, the verdict against
-    ``gate.max_regression`` and the detectable slowdown."""
-    import numpy as np
-
+    """The bench report of BASE and CANDIDATE (all blocks' rounds; memory of the first block's sessions) with a
+    ``compare`` section: the p50 ratio candidate/base over blocks, its interval, the verdict against
+    ``gate.max_regression``, the detectable slowdown and each block's ratio."""
     settings, gate = settings or BenchSettings(), gate or GateSettings()
-    settings = replace(settings, iterations=gate.max_iterations, peers=())
+    settings = replace(resolve(settings), peers=())
     clock = clock or time.perf_counter
-    plan = session_plan(gate, settings.seed)
-    sides = [[i for i, side in enumerate(plan) if side == k] for k in (0, 1)]
-
-    def estimate(times: Times, resamples: int) -> Any:
-        return replicated_ratio([times[i] for i in sides[0]], [times[i] for i in sides[1]], 0.5, gate.confidence,
-                                resamples, settings.seed)
-
-    stop = AdaptiveStop(gate, lambda _names, times: estimate(times, interim_resamples(gate)).half_width, clock)
-    report = benchmark([candidate if side else base for side in plan], settings, factory, clock, stop=stop)
-    rows = report["artifacts"]
-    for row, side in zip(rows, plan):
-        row["compare_side"] = ("base", "candidate")[side]
-    times = [r["times_ms"] for r in rows]
-    pooled = [np.median([t for i in idx for t in times[i]]) for idx in sides]
+    targets = artifact_targets(load_artifacts([base, candidate]), settings, factory or default_factory)
+    load_before, t0 = load_average(), time.monotonic()
+    with OtherLoadMeter() as other:
+        blocks, reason, checks = run_blocks(targets, settings, gate, clock)
+    seconds = time.monotonic() - t0
+    load = {"before": load_before, "after": load_average(), "other_processes_cores": round(other.other_cores, 3)}
+    times = [[t for b in blocks for t in b.base], [t for b in blocks for t in b.candidate]]
+    report = build_report(targets, blocks[0].memory, times, settings, load)
+    report["timing_s"] = round(seconds, 2)
+    for row, side in zip(report["artifacts"], ("base", "candidate")):
+        row["compare_side"] = side
+    estimate = blocked_ratio([b.ratio for b in blocks], gate.confidence, rounds=len(times[0]))
     report["compare"] = {"base": Path(base).resolve().name, "candidate": Path(candidate).resolve().name,
-                         "sessions": {"base": [rows[i]["name"] for i in sides[0]],
-                                      "candidate": [rows[i]["name"] for i in sides[1]]},
-                         **assess(estimate(times, gate.resamples), gate.max_regression),
-                         "ratio_of_p50s": float(pooled[1] / pooled[0]), "rounds": len(times[0]),
-                         "stopped_because": stop.reason, "checks": stop.checks, "gate": asdict(gate)}
+                         **assess(estimate, gate.max_regression),
+                         "ratio_of_p50s": float(np.median(times[1]) / np.median(times[0])), "rounds": len(times[0]),
+                         "blocks": [{"ratio": round(b.ratio, 5), "rounds": len(b.base)} for b in blocks],
+                         "sessions_per_block": gate.sessions, "stopped_because": reason, "checks": checks,
+                         "gate": asdict(gate)}
     log.info("compare: %s", format_compare(report))
     return report
 
@@ -110,7 +183,8 @@ def format_compare(report: dict[str, Any]) -> str:
     c = report["compare"]
     return (f"{c['verdict'].upper()}: p50 of {c['candidate']!r} / {c['base']!r} = {c['ratio']:.4f} "
             f"({c['confidence']:.0%} CI {c['low']:.4f} .. {c['high']:.4f}; allowed +{c['max_regression']:.1%})\n"
-            f"{c['rounds']} paired rounds x {len(c['sessions']['base'])} sessions each in {report['timing_s']:.1f} s ({c['stopped_because']}); CI half-width "
+            f"{c['rounds']} paired rounds in {len(c['blocks'])} blocks of fresh sessions, {report['timing_s']:.1f} s "
+            f"({c['stopped_because']}); CI half-width "
             f"{c['half_width']:.2%}; smallest regression this run could detect (power {c['power']:.0%}): "
             f"+{c['min_detectable_regression']:.1%}; other processes used "
             f"{report['load']['other_processes_cores']:.2f} cores")
@@ -122,7 +196,7 @@ def gate_compare(report: dict[str, Any]) -> None:
     if c["verdict"] == REGRESSION:
         raise RegressionError(f"latency regression: p50 of {c['candidate']!r} is {c['ratio']:.4f}x that of "
                               f"{c['base']!r} ({c['confidence']:.0%} CI {c['low']:.4f} .. {c['high']:.4f}, "
-                              f"{c['rounds']} paired rounds)",
+                              f"{c['rounds']} paired rounds in {len(c['blocks'])} blocks)",
                               f"a CI reaching at most {1 + c['max_regression']:.4f} (--max-regression "
                               f"{c['max_regression']:.1%})",
                               "find the slowdown in the candidate, or raise --max-regression if it is intended")

@@ -27,7 +27,7 @@ from apt_deploy.settings import BenchSettings, GateSettings
 from engines.bench import benchmark, build_feed, load_artifacts
 from engines.gate import compare_artifacts, gate_compare
 from engines.runners import BACKENDS, CallableRunner
-from engines.stats import paired_ratio, replicated_ratio
+from engines.stats import blocked_ratio, paired_ratio, t_quantile
 from engines.timing import round_orders, time_interleaved
 
 
@@ -61,15 +61,16 @@ class FakeClock:
 def sleep_double(monkeypatch):
     """Backend "sleep-double": a CallableRunner per artifact that sleeps ``latency[name]`` seconds on a fake
     clock (or a callable of the call index), which engines.bench is made to read."""
-    clock, latency, calls = FakeClock(), {}, {}
+    clock, latency, calls, session_speed = FakeClock(), {}, {}, {}
 
     def factory(artifact_dir, **_):
         name = Path(artifact_dir).resolve().name
+        speed = session_speed[name]() if name in session_speed else 1.0  # this session's own speed, as a whole
 
         def infer(feed):
             calls[name] = calls.get(name, 0) + 1
             value = latency[name]
-            clock.sleep(value(calls[name]) if callable(value) else value)
+            clock.sleep(speed * (value(calls[name]) if callable(value) else value))
             return {"logits": np.zeros((1, 1), np.float32)}
 
         return CallableRunner(infer, f"sleep[{name}]")
@@ -78,7 +79,7 @@ def sleep_double(monkeypatch):
     fake_time = SimpleNamespace(perf_counter=clock, monotonic=clock)
     monkeypatch.setattr(engines.bench, "time", fake_time)
     monkeypatch.setattr(engines.gate, "time", fake_time)
-    return SimpleNamespace(clock=clock, latency=latency)
+    return SimpleNamespace(clock=clock, latency=latency, session_speed=session_speed)
 
 
 def _bench(artifacts, *extra: str) -> list[str]:
@@ -125,7 +126,7 @@ def noisy(ms: float, seed: int, sigma: float = 0.05):
     return lambda call: float(draws[call])
 
 
-GATE = GateSettings(budget_s=1e6, min_iterations=20, max_iterations=2000)
+GATE = GateSettings(budget_s=1e6, min_iterations=20, max_iterations=2000, max_blocks=200)
 
 
 def test_compare_flags_a_planted_10pct_slowdown_and_passes_an_unchanged_one(artifacts, sleep_double):
@@ -145,11 +146,13 @@ def test_compare_flags_a_planted_10pct_slowdown_and_passes_an_unchanged_one(arti
 
 
 def test_compare_stops_on_its_time_budget_and_says_inconclusive(artifacts, sleep_double):
-    """30 % noise cannot give a +-1 % interval within 2 s of (fake) timing: inconclusive, budget named."""
+    """30 % noise cannot give a +-1 % interval within 2 s of (fake) timing: inconclusive, budget named; the
+    minimum number of blocks is timed whatever the budget."""
     settings = BenchSettings(backend="sleep-double", warmup=1)
     sleep_double.latency.update(base=noisy(30, 5, 0.3), apt=noisy(31, 6, 0.3))
     c = compare_artifacts(artifacts["base"], artifacts["apt"], settings, replace(GATE, budget_s=2.0))["compare"]
-    assert c["stopped_because"] == "time budget spent" and c["rounds"] < 40
+    assert c["stopped_because"] == "time budget spent" and len(c["blocks"]) == GATE.min_blocks
+    assert c["rounds"] == sum(b["rounds"] for b in c["blocks"]) and all(b["rounds"] >= GATE.block_min_rounds for b in c["blocks"])
     assert c["verdict"] == "inconclusive" and c["min_detectable_regression"] > 0.05
 
 
@@ -183,18 +186,40 @@ def test_planted_order_bias_is_not_reproduced_once_the_order_is_shuffled():
     assert shuffled.low < 1.0 < shuffled.high < 1.1  # equal within noise, and the planted bias is excluded
 
 
-def test_a_whole_session_being_slower_widens_the_interval_instead_of_deciding_it():
-    """Identical artifacts, but each ORT session has its own speed (seen here: 2 to 8 %). One session per side
-    turns that into a confident, wrong ratio; three per side, resampled, give an interval that contains 1."""
+def test_a_whole_session_being_slower_widens_the_interval_instead_of_deciding_it(artifacts, sleep_double):
+    """Identical artifacts, but each session has its own speed as a whole (seen here: 2 to 8 %). One pair of
+    sessions turns that into a confident, wrong ratio; blocks of fresh sessions make the sessions the
+    replicates: the interval contains 1 and the verdict is never a regression."""
     rng = np.random.default_rng(0)
-    speed_a, speed_b = np.array([1.06, 0.97, 1.0]), np.array([1.0, 1.03, 0.96])
-    a = 30e-3 * speed_a[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
-    b = 30e-3 * speed_b[:, None] * np.exp(rng.normal(0, 0.05, (3, 400)))
-    one = paired_ratio(a[0], b[0])
-    assert one.high < 0.97  # one session each: "the candidate is 6 % faster"
-    three = replicated_ratio(a, b)
-    assert three.low < 1.0 < three.high and three.half_width > one.half_width
-    assert replicated_ratio(a[:1], b[:1]).ratio == pytest.approx(one.ratio)
+
+    def speeds(first: float):  # a session speed per creation: ``first``, then log-normal with 3 % spread
+        draws = iter([first] + list(np.exp(rng.normal(0.0, 0.03, 1000))))
+        return lambda: float(next(draws))
+
+    sleep_double.session_speed.update(base=speeds(1.0), apt=speeds(1.05))
+    sleep_double.latency.update(base=noisy(30, 30, 0.02), apt=noisy(30, 31, 0.02))
+    settings = BenchSettings(backend="sleep-double", warmup=1)
+    one = replace(GATE, min_blocks=2, max_blocks=2)  # one pair of sessions, twice
+    pair = compare_artifacts(artifacts["base"], artifacts["apt"], settings, one)["compare"]
+    assert pair["blocks"][0]["ratio"] == pytest.approx(1.05, abs=0.01)  # one pair of sessions: "5 % slower"
+    c = compare_artifacts(artifacts["base"], artifacts["apt"], settings, replace(GATE, target_half_width=0.015))["compare"]
+    assert c["low"] < 1.0 < c["high"] and c["verdict"] != "regression" and len(c["blocks"]) > 8
+    assert np.std([b["ratio"] for b in c["blocks"]]) > 0.02  # the session spread is in the blocks, not hidden
+
+
+def test_blocked_ratio_is_a_student_t_interval_on_log_ratios():
+    stats = pytest.importorskip("scipy.stats")
+
+    ratios = [1.01, 0.98, 1.03, 1.00, 0.99, 1.02]
+    est = blocked_ratio(ratios, 0.95)
+    logs = np.log(ratios)
+    low, high = stats.t.interval(0.95, len(logs) - 1, loc=logs.mean(), scale=stats.sem(logs))
+    assert est.ratio == pytest.approx(np.exp(logs.mean())) and est.low == pytest.approx(np.exp(low), rel=1e-4)
+    assert est.high == pytest.approx(np.exp(high), rel=1e-4)
+    for df in (1, 2, 3, 5, 30):
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-3)
+    with pytest.raises(ConfigError, match="block ratios"):
+        blocked_ratio([1.0])
 
 
 def test_round_orders_are_seeded_permutations():
@@ -224,11 +249,11 @@ def test_identical_real_artifacts_compare_equal_within_noise(artifacts, tmp_path
     loose 20 % limit (the interval, not a timing threshold; a 2 s budget)."""
     out = tmp_path / "aa.json"
     rc = main(["bench", "--compare", str(artifacts["apt"]), str(artifacts["apt"]), "--threads", "1", "--budget", "2",
-               "--max-regression", "20%", "--json", str(out)])
+               "--block-seconds", "0.2", "--min-blocks", "4", "--max-regression", "20%", "--json", str(out)])
     stdout = capsys.readouterr().out
     c = json.loads(out.read_text())["compare"]
     assert rc == 0 and c["verdict"] != "regression" and c["base"] == c["candidate"] == "apt"
-    assert len(c["sessions"]["base"]) == len(c["sessions"]["candidate"]) == 3
+    assert len(c["blocks"]) >= 4 and c["sessions_per_block"] == 1
     assert "paired rounds" in stdout and "smallest regression this run could detect" in stdout
     assert json.loads(out.read_text())["settings"]["spinning"] is False
 
@@ -389,4 +414,4 @@ def test_planted_slowdown_adds_work_but_changes_no_output(artifacts, tmp_path):
     planted = plant_slowdown(artifacts["base"], tmp_path / "planted", steps=3)
     before, after = (len(onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node)
                      for d in (artifacts["base"], planted))
-    assert after == before + 3 + 4 and same_outputs(artifacts["base"], planted) == 0.0
+    assert after == before + 3 + 5 and same_outputs(artifacts["base"], planted) == 0.0

@@ -51,11 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--confidence", default="95%", metavar="PCT", help="confidence of the interval (default 95%%)")
     r.add_argument("--target-ci", default="1%", metavar="PCT", help="stop timing once the CI half-width is at most "
                    "this (default 1%%)")
-    r.add_argument("--budget", type=float, default=30.0, metavar="S", help="stop timing after S seconds (default 30)")
-    r.add_argument("--min-iterations", type=int, default=20, help="rounds before the first CI check (default 20)")
-    r.add_argument("--max-iterations", type=int, default=5000, help="rounds at most (default 5000)")
-    r.add_argument("--sessions", type=int, default=3, help="sessions per artifact with --compare (default 3): a "
-                   "whole session can be a few %% fast or slow")
+    r.add_argument("--budget", type=float, default=60.0, metavar="S", help="stop after S seconds (default 60; "
+                   "--compare: no new block after S, session creation included; --baseline: timing seconds)")
+    r.add_argument("--min-iterations", type=int, default=20, help="--baseline: rounds before the first CI check "
+                   "(default 20)")
+    r.add_argument("--max-iterations", type=int, default=5000, help="--baseline: rounds at most (default 5000)")
+    r.add_argument("--sessions", type=int, default=1, help="--compare: fresh sessions per artifact in each block "
+                   "(default 1)")
+    r.add_argument("--block-seconds", type=float, default=1.0, metavar="S", help="--compare: timing seconds per "
+                   "block of fresh sessions (default 1; at least 10 rounds)")
+    r.add_argument("--min-blocks", type=int, default=8, help="--compare: blocks always timed, whatever the budget "
+                   "(default 8)")
     r.add_argument("--save-baseline", default=None, metavar="FILE", help="write this run (raw times) as a baseline "
                    "(after the gate passes, when --baseline is also given); record it with --iterations 200 or more")
 
@@ -83,7 +89,8 @@ def _settings(args: argparse.Namespace) -> tuple[BenchSettings, GateSettings]:
         max_regression_p99=bl.parse_percent(args.max_regression_p99, "--max-regression-p99"),
         confidence=bl.parse_percent(args.confidence, "--confidence"),
         target_half_width=bl.parse_percent(args.target_ci, "--target-ci"), budget_s=args.budget,
-        min_iterations=args.min_iterations, max_iterations=args.max_iterations, sessions=args.sessions)
+        min_iterations=args.min_iterations, max_iterations=args.max_iterations, sessions=args.sessions,
+        block_s=args.block_seconds, min_blocks=args.min_blocks)
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     settings = BenchSettings(backend=args.backend, batch=args.batch, iterations=args.iterations, warmup=args.warmup,
                              threads=args.threads, seed=args.seed, shuffle=not args.no_shuffle,
