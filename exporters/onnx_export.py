@@ -86,8 +86,25 @@ def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: 
     ``model`` is the (cast) HF model ``module`` was derived from; the spec's export patches apply to it."""
     example = cast_feed(spec.dummy_inputs(model, specs, "opt", settings.seed), settings.dtype)
     with spec.export_context(model):
-        return export_program(module, example, [s.name for s in specs], spec.output_names(model),
-                              _dynamic_shapes(spec, model, specs), path, settings, spec.name)
+        export_program(module, example, [s.name for s in specs], spec.output_names(model),
+                       _dynamic_shapes(spec, model, specs), path, settings, spec.name)
+    return check_dynamic_axes(path, specs)
+
+
+def check_dynamic_axes(path: Path, specs: list[InputSpec]) -> Path:
+    """Fail when an axis declared dynamic came out fixed. When torch.export guards a Dim to the example size,
+    torch.onnx re-exports with that Dim replaced by the constant (its capture strategy "refines" the dynamic
+    shapes from the suggested fixes) without an error; ONNX Runtime would only refuse other sizes later."""
+    got = {i.name: _axes(i) for i in onnx.load(str(path), load_external_data=False).graph.input}
+    fixed = [f"{s.name} axis {i} ({axis!r}) = {got[s.name][i]}" for s in specs if s.name in got
+             for i, axis in enumerate(s.axes) if isinstance(axis, str) and not isinstance(got[s.name][i], str)]
+    if fixed:
+        raise ExportError(f"the exported ONNX model has fixed sizes on axes declared dynamic: {'; '.join(fixed)}",
+                          "every named axis symbolic in the graph inputs",
+                          "the model's code makes torch.export specialise that axis to the example size (a "
+                          "contiguity check on a sliced view at batch 1 is the usual cause; docs/pitfalls.md, "
+                          "\"METER\"): find the guard with TORCH_LOGS=+dynamic, or trace at another size (--batch 1,2,N)")
+    return path
 
 
 def export_program(module: nn.Module, example: dict[str, torch.Tensor], input_names: list[str],

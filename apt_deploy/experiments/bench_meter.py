@@ -28,11 +28,10 @@ from apt_deploy.settings import BenchSettings
 
 log = logging.getLogger("bench_meter")
 RANK, PROMPTS, TEXT_LEN, IMAGE = 4, 200, 50, 384
-# The naive deep-prompt form (training form, p tokens through every cross layer) is left out: its dynamo
-# export specialises the batch and fails ONNX Runtime validation at batch 2 (docs/pitfalls.md, "METER").
-# Its MAC prediction is still reported (extra_macs / docs/meter.md).
+# deep prompt naive = the training form exported as is (p tokens through every cross layer of both streams)
 VARIANTS = [Variant("none", "base", 0, IMAGE), Variant("apt", "fused", PROMPTS, IMAGE), Variant("apt", "opfree", PROMPTS, IMAGE),
-            Variant("deep_prompt", "prefix", PROMPTS, IMAGE)]
+            Variant("deep_prompt", "naive", PROMPTS, IMAGE), Variant("deep_prompt", "prefix", PROMPTS, IMAGE)]
+SMOKE_OUT = "/tmp/apt_bench_meter_smoke.json"  # smoke numbers are meaningless: never next to the real results
 
 
 def meter_macs(d: int, ffn: int, vision_layers: int, text_layers: int, cross_layers: int, n_img: int, n_txt: int,
@@ -126,11 +125,13 @@ def rows(report: dict[str, Any], dims: dict[str, int]) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/apt_bench_meter", help="where the ONNX artifacts go (never commit them)")
-    p.add_argument("--out", default="benchmarks/results/meter_b_variants.json")
+    p.add_argument("--out", default=None,
+                   help=f"the JSON (default benchmarks/results/meter_b_variants.json; with --smoke {SMOKE_OUT})")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine before timing")
+    p.add_argument("--max-wait", type=float, default=None,
+                   help="seconds to wait for a quiet machine before timing (default 300; 0 with --smoke)")
     p.add_argument("--keep", action="store_true", help="keep --workdir afterwards")
     p.add_argument("--smoke", action="store_true", help="a tiny METER: checks the pipeline in minutes (numbers meaningless)")
     return p.parse_args(argv)
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from engines.bench import benchmark, format_table
 
     args = parse_args(argv)
+    out = Path(args.out or (SMOKE_OUT if args.smoke else "benchmarks/results/meter_b_variants.json"))
     setup_logging(verbose=0, quiet=False)  # the CLI's: INFO, library chatter at WARNING
     config = tiny_meter_config(image_size=IMAGE, max_text_len=TEXT_LEN) if args.smoke else meter_b_config(IMAGE)
     torch.manual_seed(0)
@@ -154,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     exports = {v.name: export(v, base, workdir) for v in VARIANTS}
     del base
     gc.collect()
-    other = wait_for_quiet(args.max_wait)
+    other = wait_for_quiet(args.max_wait if args.max_wait is not None else 0.0 if args.smoke else 300.0)
     settings = BenchSettings(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
     report = benchmark([exports[v.name]["path"] for v in VARIANTS], settings)
     log.info("METER variants:\n%s", format_table(report))
     dims = shape(config)
-    write_json_atomic(Path(args.out), {"kind": "apt-deploy-bench-meter", "created": now_iso(), "command": sys.argv,
-                                       "smoke": args.smoke, "shape": dims, "prompts": PROMPTS, "rank": RANK,
-                                       "base_gmacs": meter_macs(**dims) / 1e9, "other_cores_before": other,
-                                       "exports": exports, "report": report, "rows": rows(report, dims)})
+    write_json_atomic(out, {"kind": "apt-deploy-bench-meter", "created": now_iso(), "command": sys.argv,
+                            "smoke": args.smoke, "shape": dims, "prompts": PROMPTS, "rank": RANK,
+                            "base_gmacs": meter_macs(**dims) / 1e9, "other_cores_before": other,
+                            "exports": exports, "report": report, "rows": rows(report, dims)})
+    log.info("wrote %s", out)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

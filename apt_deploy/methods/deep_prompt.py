@@ -36,7 +36,19 @@ class DeepPromptLayer(nn.Module):
         n, p = hidden_states.shape[1], self.prompt.shape[0]
         x = torch.cat([hidden_states, self.prompt.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)], 1)
         out = self.layer(x, pad_attention_mask(attention_mask, p, pad_queries=True), *args, **kwargs)
-        return (out[0][:, :n],) + tuple(out[1:])
+        return (drop_prompts(out[0], n),) + tuple(out[1:])
+
+
+def drop_prompts(hidden_states: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of [B, n + p, d] as a contiguous copy, not a view.
+
+    The view ``hidden_states[:, :n]`` is contiguous only when B == 1. Ops that branch on contiguity
+    (``aten::linear`` folding the batch into one GEMM, ``.contiguous()``) then make torch.export, traced at an
+    example batch of 1, guard ``batch == 1``, and torch.onnx silently exports a static batch (METER feeds
+    the sliced stream straight into the other stream's cross-attention key/value Linears; docs/pitfalls.md,
+    "METER"). ``clone`` never asks; in ONNX it is a no-op.
+    """
+    return hidden_states[:, :n].clone(memory_format=torch.contiguous_format)
 
 
 class PrefixKVSelfAttention(nn.Module):
