@@ -109,6 +109,15 @@ def export(v: Variant, base: Any, workdir: Path) -> dict[str, Any]:
     return {"path": str(out), "export_s": round(time.perf_counter() - t0, 1), **_parity(read_manifest(out))}
 
 
+def reused(v: Variant, workdir: Path) -> dict[str, Any]:
+    """An artifact an earlier ``--export-only`` run wrote (its parity record comes from its manifest)."""
+    from apt_deploy.manifest import read_manifest
+
+    out = workdir / v.name
+    log.info("reusing %s", out)
+    return {"path": str(out), "export_s": None, "reused": True, **_parity(read_manifest(out))}
+
+
 def rows(report: dict[str, Any], dims: dict[str, int]) -> list[dict[str, Any]]:
     p50 = {a["name"]: a["stats"]["p50_ms"] for a in report["artifacts"]}
     base_macs, base = meter_macs(**dims), p50[VARIANTS[0].name]
@@ -133,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds to wait for a quiet machine before timing (default 300; 0 with --smoke)")
     p.add_argument("--keep", action="store_true", help="keep --workdir afterwards")
+    p.add_argument("--export-only", action="store_true", help="export the artifacts (kept), time nothing; time them "
+                   "later with --reuse on a quiet machine")
+    p.add_argument("--reuse", action="store_true", help="reuse artifacts already in --workdir (same seeded model)")
     p.add_argument("--smoke", action="store_true", help="a tiny METER: checks the pipeline in minutes (numbers meaningless)")
     return p.parse_args(argv)
 
@@ -153,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     base = MeterModel(config).eval()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    exports = {v.name: export(v, base, workdir) for v in VARIANTS}
+    exports = {v.name: reused(v, workdir) if args.reuse and (workdir / v.name / "manifest.json").is_file()
+               else export(v, base, workdir) for v in VARIANTS}
     del base
     gc.collect()
+    if args.export_only:
+        log.info("exported %d variants to %s (time them with --reuse)", len(exports), workdir)
+        return 0
     other = wait_for_quiet(args.max_wait if args.max_wait is not None else 0.0 if args.smoke else 300.0)
     settings = BenchSettings(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
     report = benchmark([exports[v.name]["path"] for v in VARIANTS], settings)
