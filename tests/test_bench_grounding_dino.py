@@ -38,7 +38,7 @@ def test_non_square_image_size_from_config():
     assert pix.opt_shape == (1, 3, 128, 160)
 
 
-@pytest.mark.slow  # three tiny Swin exports + ONNX Runtime timing (~1-2 min idle)
+@pytest.mark.slow  # three tiny Swin exports + ONNX Runtime timing (several minutes; 15 min on the loaded machine)
 def test_smoke_run_writes_rows(tmp_path):
     from apt_deploy.experiments.bench_grounding_dino import main
 

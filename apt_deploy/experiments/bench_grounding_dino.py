@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine before timing")
     p.add_argument("--keep", action="store_true", help="keep --workdir afterwards")
     p.add_argument("--smoke", action="store_true",
-                   help="a tiny Swin Grounding DINO at 128 x 160, text 16: checks the pipeline in ~1 min (numbers meaningless)")
+                   help="a tiny Swin Grounding DINO at 128 x 160, text 16: checks the pipeline in a few minutes (numbers meaningless)")
     args = p.parse_args(argv)
     if args.smoke:
         args.height, args.width, args.text_len = 128, 160, 16

@@ -33,13 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--pretrain-images", type=int, default=400, help="images per source style (stage A)")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--pretrain-lr", type=float, default=3e-4)
+    p.add_argument("--pretrain-steps", type=int, default=900)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=60, help="stage-B steps, equal for every method")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4, help="stage-B AdamW lr of full / head-only fine-tuning")
     p.add_argument("--sdpt-lr", type=float, default=3e-2, help="stage-B AdamW lr of the SDPT prototypes")
-    p.add_argument("--test-images", type=int, default=100)
+    p.add_argument("--test-images", type=int, default=60)
     p.add_argument("--source-test-images", type=int, default=30, help="per source style: the stage-A model's own AP")
     p.add_argument("--no-proposal-loss", dest="proposal_loss", action="store_false",
                    help="train with transformers' loss only (its two-stage proposal terms get no gradient: "
