@@ -72,11 +72,39 @@ def make_batches(examples: Sequence[DetectionExample], processor: Any, prompt: s
     return out
 
 
+def proposal_loss(model: nn.Module, outputs: Any, labels: list[dict[str, torch.Tensor]], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """The two-stage encoder-proposal loss that transformers' Grounding DINO loss leaves without gradient.
+
+    transformers (5.x) computes its ``*_enc`` terms on ``encoder_pred_boxes`` = the DETACHED top-k proposal
+    boxes and on ``encoder_logits`` = scores of the learned query embeddings, so neither the per-token
+    proposal scores that pick the top-k (``enc_outputs_class``) nor the proposal box head
+    (``encoder_output_bbox_embed``, not shared by default) ever receive a gradient: the decoder starts from
+    proposals chosen by untrained scores, which is why full training plateaus (docs/sdpt.md). The original
+    Grounding DINO supervises the un-detached top-k proposals; this is that term, with transformers' own
+    matcher and criterion on the same top-k the model selects: 2 * focal + bbox_coef * L1 + giou_coef * GIoU."""
+    from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher, GroundingDinoImageLoss
+    from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps, build_text_mask
+
+    cfg = model.config
+    scores, coords = outputs.enc_outputs_class, outputs.enc_outputs_coord_logits
+    top = scores.max(-1)[0].topk(cfg.num_queries, dim=1)[1][..., None]
+    logits = torch.gather(scores, 1, top.expand(-1, -1, scores.shape[-1]))
+    boxes = torch.gather(coords, 1, top.expand(-1, -1, 4)).sigmoid()
+    matcher = GroundingDinoHungarianMatcher(class_cost=cfg.class_cost, bbox_cost=cfg.bbox_cost, giou_cost=cfg.giou_cost)
+    criterion = GroundingDinoImageLoss(matcher, cfg.focal_alpha, ["labels", "boxes"])
+    parts = criterion({"logits": logits, "pred_boxes": boxes, "label_maps": build_label_maps(logits, input_ids),
+                       "text_mask": build_text_mask(logits, attention_mask)}, labels)
+    return (2.0 * parts["loss_ce"] + cfg.bbox_loss_coefficient * parts["loss_bbox"]
+            + cfg.giou_loss_coefficient * parts["loss_giou"])
+
+
 def train_detection(model: nn.Module, examples: Sequence[DetectionExample], processor: Any, prompt: str,
                     settings: DetectionTrainSettings, text_len: int,
-                    params: Iterable[nn.Parameter] | None = None) -> DetectionTrainResult:
+                    params: Iterable[nn.Parameter] | None = None, proposals: bool = False) -> DetectionTrainResult:
     """``settings.steps`` AdamW steps on seeded shuffles of ``examples``; trains ``params`` (default: every
-    parameter with requires_grad, i.e. what the method left trainable)."""
+    parameter with requires_grad, i.e. what the method left trainable). ``proposals``: add
+    :func:`proposal_loss` (the two-stage term transformers' loss leaves without gradient)."""
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         from apt_deploy.errors import ConfigError
@@ -89,7 +117,10 @@ def train_detection(model: nn.Module, examples: Sequence[DetectionExample], proc
     model.train()
     for batch in progress(_batch_stream(examples, processor, prompt, image_size(model), text_len, settings),
                           total=settings.steps, desc="train"):
-        loss = model(**batch.inputs, labels=batch.labels).loss
+        out = model(**batch.inputs, labels=batch.labels)
+        loss = out.loss
+        if proposals:
+            loss = loss + proposal_loss(model, out, batch.labels, batch.inputs["input_ids"], batch.inputs["attention_mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:

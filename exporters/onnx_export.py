@@ -245,7 +245,7 @@ def _dynamic_shapes(spec: BackboneSpec, model: nn.Module, specs: list[InputSpec]
     for s in specs:
         axes = {}
         for i, axis in enumerate(s.axes):
-            if isinstance(axis, str):
+            if isinstance(axis, str) and s.min_shape[i] != s.max_shape[i]:  # min == max: a static axis
                 if axis not in dims:
                     dims[axis] = spec.dynamic_dim(model, axis, s.min_shape[i], s.max_shape[i])
                 axes[i] = dims[axis]

@@ -136,7 +136,7 @@ class GroundingDinoSpec(BackboneSpec):
             raise ConfigError(f"text length {shapes.text_len}", f"at most the model's max_text_len={cfg.max_text_len}",
                               "pass a smaller --text-len")
         side = getattr(cfg, "image_size", None) or DEFAULT_IMAGE_SIZE
-        h, w = shapes.image_size or (side, side)
+        h, w = shapes.image_size or (tuple(side) if isinstance(side, (list, tuple)) else (side, side))  # (h, w) or a side
         (bmin, bopt, bmax), t = shapes.batch, shapes.text_len
         # The export traces the "opt" shapes: an example batch of 1 lets torch.export specialise the batch
         # axis (size-1 broadcasting in the encoder), so the ONNX model would refuse batch 2 (docs/pitfalls.md).

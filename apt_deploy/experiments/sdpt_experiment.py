@@ -33,14 +33,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--pretrain-images", type=int, default=400, help="images per source style (stage A)")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--pretrain-lr", type=float, default=3e-4)
+    p.add_argument("--pretrain-steps", type=int, default=900)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=60, help="stage-B steps, equal for every method")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4, help="stage-B AdamW lr of full / head-only fine-tuning")
     p.add_argument("--sdpt-lr", type=float, default=3e-2, help="stage-B AdamW lr of the SDPT prototypes")
-    p.add_argument("--test-images", type=int, default=100)
+    p.add_argument("--test-images", type=int, default=60)
+    p.add_argument("--source-test-images", type=int, default=30, help="per source style: the stage-A model's own AP")
+    p.add_argument("--no-proposal-loss", dest="proposal_loss", action="store_false",
+                   help="train with transformers' loss only (its two-stage proposal terms get no gradient: "
+                        "stage A then plateaus, docs/sdpt.md)")
     p.add_argument("--workdir", default="sdpt-experiment-work", help="stage-A checkpoint cache")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after stage A (cached in --workdir)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine result files of runs over disjoint --seeds (e.g. run in parallel) into --out")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -125,14 +132,16 @@ def pretrain(args: argparse.Namespace, processor: Any) -> Path:
     from apt_deploy.detection_training import train_detection
     from apt_deploy.settings import DetectionTrainSettings
 
-    out = Path(args.workdir) / f"pretrained_{args.pretrain_steps}_{args.pretrain_images}"
+    tag = "" if args.proposal_loss else "_noprop"
+    out = Path(args.workdir) / f"pretrained_{args.pretrain_steps}_{args.pretrain_images}_{args.pretrain_lr:g}{tag}"
     if (out / "config.json").is_file():
         log.info("stage A: reusing %s", out)
         return out
     model = GroundingDinoSpec().build_tiny(seed=1234)
     examples = [e for i, style in enumerate(SOURCE_STYLES) for e in make_split(style, args.pretrain_images, 100 + i, 128)[1]]
     settings = DetectionTrainSettings(steps=args.pretrain_steps, batch_size=8, lr=args.pretrain_lr, seed=0)
-    result = train_detection(model, examples, processor, category_prompt(SHAPES), settings, text_len=16)
+    result = train_detection(model, examples, processor, category_prompt(SHAPES), settings, text_len=16,
+                             proposals=args.proposal_loss)
     save_tiny_grounding_dino(out, model=model, overwrite=True)
     (out / "pretrain_log.json").write_text(json.dumps({"seconds": result.seconds, "losses": result.losses[::10]}))
     return out
@@ -146,7 +155,7 @@ def run_method(method: str, tokens: int | None, model_dir: Path, shots: list, te
     from apt_deploy.backbones import get_backbone
     from apt_deploy.data.coco import category_prompt
     from apt_deploy.data.synthetic_shapes import SHAPES
-    from apt_deploy.detection_training import make_batches, train_detection
+    from apt_deploy.detection_training import train_detection
     from apt_deploy.methods.sdpt import SDPTConfig
     from apt_deploy.settings import DetectionTrainSettings
     from apt_deploy.tuning import apply_sdpt, trainable_parameters
@@ -164,12 +173,31 @@ def run_method(method: str, tokens: int | None, model_dir: Path, shots: list, te
     seconds = 0.0
     if method != "zero-shot":
         settings = DetectionTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed)
-        seconds = train_detection(model, shots, processor, prompt, settings, text_len=16).seconds
-    gt, examples = test
-    batches = make_batches(examples, processor, prompt, 128, 16, 16)
-    scores = coco_eval(gt, detections_for(model, batches, [e.image_id for e in examples], [1, 2, 3, 4], 128))
+        seconds = train_detection(model, shots, processor, prompt, settings, text_len=16,
+                                  proposals=args.proposal_loss).seconds
+    scores = evaluate(model, test, processor)
     return {"method": method, "tokens": tokens, "seed": seed, "trainable_params": n_train, "train_seconds": seconds,
             **scores}
+
+
+def evaluate(model: Any, test: tuple, processor: Any) -> dict[str, float]:
+    """COCO AP / AP50 of ``model`` on a (coco dict, examples) split."""
+    from apt_deploy.data.coco import category_prompt
+    from apt_deploy.data.synthetic_shapes import SHAPES
+    from apt_deploy.detection_training import make_batches
+
+    gt, examples = test
+    batches = make_batches(examples, processor, category_prompt(SHAPES), 128, 16, 16)
+    return coco_eval(gt, detections_for(model, batches, [e.image_id for e in examples], [1, 2, 3, 4], 128))
+
+
+def source_style_ap(model_dir: Path, args: argparse.Namespace, processor: Any) -> dict[str, dict[str, float]]:
+    """The stage-A model on fresh test images of each source style: is it a working detector at all?"""
+    from apt_deploy.backbones import get_backbone
+
+    model = get_backbone("grounding_dino").load(str(model_dir))
+    return {style: evaluate(model, make_split(style, args.source_test_images, 3000 + i, 128), processor)
+            for i, style in enumerate(SOURCE_STYLES)}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -194,6 +222,29 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """One result from several runs over disjoint seeds (same stage A and settings, else refused)."""
+    from apt_deploy.errors import ConfigError
+    from apt_deploy.fileio import read_json, write_json_atomic
+
+    parts = [read_json(Path(p), "an sdpt_experiment result", "the JSON that --out wrote", "re-run the experiment")
+             for p in paths]
+    fixed = lambda r: {k: v for k, v in r["args"].items() if k not in ("seeds", "out")}  # noqa: E731
+    if any(fixed(p) != fixed(parts[0]) for p in parts) or any(p["stage_a_source_style_ap"] != parts[0]["stage_a_source_style_ap"] for p in parts):
+        raise ConfigError(f"result files {paths} with different settings or stage-A models",
+                          "runs of the same command differing only in --seeds", "re-run with identical options")
+    seeds = [s for p in parts for s in p["args"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {seeds} across {paths}", "disjoint --seeds per file", "drop the duplicate run")
+    runs = [r for p in parts for r in p["runs"]]
+    result = {**parts[0], "args": {**parts[0]["args"], "seeds": seeds, "out": out}, "merged_from": paths,
+              "total_seconds": max(p["total_seconds"] for p in parts), "summary": summarise(runs), "runs": runs}
+    log.info("\n%s", markdown(result["summary"]))
+    if out:
+        write_json_atomic(Path(out), result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """1. stage A (cached)  2. per seed: few-shot split + test split  3. every method  4. JSON + table."""
     import torch
@@ -203,11 +254,17 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     processor = build_tiny_processor(128, 40)
     model_dir = pretrain(args, processor)
     pretrain_seconds = time.perf_counter() - t0
+    if args.pretrain_only:
+        return 0
+    source_ap = source_style_ap(model_dir, args, processor)
+    log.info("stage-A model on the source styles: %s", source_ap)
     runs = []
     for seed in args.seeds:
         pool_gt, pool = make_split(TARGET_STYLE, 60, 1000 + seed, 128)
@@ -220,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s", runs[-1])
     summary = summarise(runs)
     result = {"args": vars(args), "source_styles": SOURCE_STYLES, "target_style": TARGET_STYLE,
-              "pretrain_seconds": pretrain_seconds, "total_seconds": time.perf_counter() - t0,
+              "pretrain_seconds": pretrain_seconds, "stage_a_source_style_ap": source_ap,
+              "pretrain_log": json.loads((model_dir / "pretrain_log.json").read_text()), "total_seconds": time.perf_counter() - t0,
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "threads": 1},
               "summary": summary, "runs": runs}
     log.info("\n%s", markdown(summary))
