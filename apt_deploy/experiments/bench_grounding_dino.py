@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apt_deploy.fileio import write_json_atomic
+from apt_deploy.fileio import read_json, write_json_atomic
 from apt_deploy.manifest import now_iso
 from apt_deploy.settings import BenchSettings
 
@@ -147,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine before timing")
     p.add_argument("--keep", action="store_true", help="keep --workdir afterwards")
+    p.add_argument("--export-only", action="store_true", help="count the MACs and export the variants (kept), time "
+                   "nothing; time them later with --reuse on a quiet machine")
+    p.add_argument("--reuse", action="store_true", help="reuse what an --export-only run left in --workdir")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny Swin Grounding DINO at 128 x 160, text 16: checks the pipeline in a few minutes (numbers meaningless)")
     args = p.parse_args(argv)
@@ -156,39 +159,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PREPARED = "prepared.json"  # an --export-only run's MAC count and exports, for --reuse
+
+
+def prepare_variants(config: Any, args: argparse.Namespace, workdir: Path) -> tuple[int, float, dict[str, Any]]:
+    """Build the model, count its MACs (one PyTorch forward), export every variant (parity-checked)."""
+    import torch
+    from transformers import GroundingDinoForObjectDetection
+
+    from apt_deploy.backbones import get_backbone
+    from apt_deploy.backbones.registry import ShapeSettings
+    from apt_deploy.progress import timed_step
+
+    spec = get_backbone("grounding_dino")
+    with timed_step("build the Grounding DINO model"):
+        torch.manual_seed(0)
+        base = GroundingDinoForObjectDetection(config).eval()
+    specs = spec.input_specs(base, ShapeSettings(batch=(1, 1, 1), text_len=args.text_len))
+    with timed_step("count the base model's multiply-adds (one PyTorch forward)"):
+        t0 = time.perf_counter()
+        base_macs = counted_macs(base, spec.dummy_inputs(base, specs, "opt", 0))
+        torch_forward_s = time.perf_counter() - t0
+    exports = {variant_name(n): export(base, n, workdir, args.text_len) for n in (None, *args.tokens)}
+    del base
+    gc.collect()
+    return base_macs, torch_forward_s, exports
+
+
 def main(argv: list[str] | None = None) -> int:
     """1. build the model  2. count its MACs  3. export every variant (parity-checked)  4. time them
     interleaved  5. write the JSON."""
     import torch
 
-    from apt_deploy.backbones import get_backbone
     from apt_deploy.cli import setup_logging
     from apt_deploy.experiments.bench_variants import wait_for_quiet
-    from apt_deploy.progress import timed_step
-    from apt_deploy.backbones.registry import ShapeSettings
     from engines.bench import benchmark, format_table
 
     args = parse_args(argv)
     setup_logging(verbose=0, quiet=False)
     torch.set_num_threads(args.threads)
     config = smoke_config(args.height, args.width) if args.smoke else gdino_t_config(args.height, args.width)
-    spec = get_backbone("grounding_dino")
-    with timed_step("build the Grounding DINO model"):
-        from transformers import GroundingDinoForObjectDetection
-
-        torch.manual_seed(0)
-        base = GroundingDinoForObjectDetection(config).eval()
-    dims = shape(config, args.text_len, args.height, args.width)
-    specs = spec.input_specs(base, ShapeSettings(batch=(1, 1, 1), text_len=args.text_len))
-    with timed_step("count the base model's multiply-adds (one PyTorch forward)"):
-        t0 = time.perf_counter()
-        base_macs = counted_macs(base, spec.dummy_inputs(base, specs, "opt", 0))
-        torch_forward_s = time.perf_counter() - t0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    exports = {variant_name(n): export(base, n, workdir, args.text_len) for n in (None, *args.tokens)}
-    del base
-    gc.collect()
+    dims = shape(config, args.text_len, args.height, args.width)
+    prepared = workdir / PREPARED
+    if args.reuse and prepared.is_file():
+        log.info("reusing the MAC count and exports in %s", workdir)
+        saved = read_json(prepared)
+        base_macs, torch_forward_s, exports = saved["base_macs"], saved["torch_forward_s"], saved["exports"]
+    else:
+        base_macs, torch_forward_s, exports = prepare_variants(config, args, workdir)
+        write_json_atomic(prepared, {"base_macs": base_macs, "torch_forward_s": torch_forward_s, "exports": exports,
+                                     "command": sys.argv})
+    if args.export_only:
+        log.info("exported %d variants to %s (time them with --reuse)", len(exports), workdir)
+        return 0
     other = wait_for_quiet(args.max_wait)
     settings = BenchSettings(iterations=args.iterations, warmup=args.warmup, threads=args.threads)
     report = benchmark([e["path"] for e in exports.values()], settings)
