@@ -24,7 +24,8 @@ from apt_deploy.backbones.registry import InputSpec
 from apt_deploy.errors import ConfigError
 from apt_deploy.fileio import atomic_directory
 from apt_deploy.manifest import MODEL_NAME, write_manifest
-from apt_deploy.methods.multitask import MultiTaskModel, build_multitask_model, check_shared, task_bank
+from apt_deploy.methods.multitask import (MultiTaskModel, build_multitask_model, check_shared, shared_fingerprint,
+                                         task_bank)
 from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION_ROWS as OP
 from apt_deploy.progress import timed_step
 from apt_deploy.prompt_bank import TASK_INPUT, stack_tasks, write_bank
@@ -58,10 +59,12 @@ def export_multitask_artifact(names: Sequence[str], models: Sequence[nn.Module],
         state = models[0].apt_deploy_state
         manifest = build_manifest(spec, multi.inner, _folded(state), [*specs, task_spec(specs)], onnx_path, settings,
                                   {"model_dir": model_dir} if model_dir else None)
+        manifest["fused_op"].update(version=OP.version, plugin_version=OP.plugin_version)
         manifest["inference"] = write_inference_assets(spec, multi.inner, specs, {"model_dir": model_dir} if model_dir
                                                        else None, stage)
         bank_file, digest = write_bank(stage, banks, names)
         manifest["tasks"] = tasks_section(names, banks, bank_file, digest, sources or {}, max_tasks)
+        manifest["tasks"]["shared_sha256"] = shared_fingerprint(models[0])
         if settings.validate:
             with timed_step("validate ONNX Runtime vs PyTorch on a mixed-task batch"):
                 manifest["validation"] = {"onnxruntime_vs_torch": validate_mixed(multi, spec, specs, banks, onnx_path,

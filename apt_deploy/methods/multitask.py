@@ -106,6 +106,20 @@ def check_shared(names: Sequence[str], models: Sequence[nn.Module]) -> None:
                               "as separate artifacts")
 
 
+def shared_fingerprint(model: nn.Module) -> str:
+    """sha256 of everything a task shares with the others (trained tensors but the APT prompts, and the base
+    weights' fingerprint): ``add-task`` compares a new task's with the artifact's."""
+    import hashlib
+
+    from apt_deploy.checkpoint import trained_tensors
+
+    h = hashlib.sha256(model.apt_deploy_state.base_fingerprint.encode())
+    for name, t in sorted(_shared_tensors(trained_tensors(model)).items()):
+        h.update(name.encode())
+        h.update(t.float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def build_multitask_model(model: nn.Module) -> MultiTaskModel:
     """The inference form of ``model`` (training form, any one of the tasks) with every APT module turned into
     a bank-reading :class:`MultiTaskOutputProjection`; the original is untouched."""
