@@ -42,29 +42,38 @@ def export_multitask_artifact(names: Sequence[str], models: Sequence[nn.Module],
                               settings: ExportSettings | None = None, sources: dict[str, str] | None = None,
                               model_dir: str | None = None, max_tasks: int = MAX_TASKS) -> Path:
     """``models[t]`` is task ``names[t]`` in training form, all on the same base model (see module docstring)."""
+    check_shared(names, models)
+    rows = [{k: v.numpy() for k, v in task_bank(m).items()} for m in models]
+    return export_banked_artifact(models[0], names, rows, out_dir, settings, sources, model_dir, max_tasks)
+
+
+def export_banked_artifact(model: nn.Module, names: Sequence[str], rows: Sequence[dict[str, np.ndarray]],
+                           out_dir: str | Path, settings: ExportSettings | None = None,
+                           sources: dict[str, str] | None = None, model_dir: str | None = None,
+                           max_tasks: int = MAX_TASKS) -> Path:
+    """Steps 1-4 from the tasks' bank rows (:func:`task_bank`); ``model`` is any one task in training form,
+    whose non-prompt tensors every task shares (the caller checked that)."""
     settings = settings or ExportSettings()
     if settings.dtype != "fp32":
         raise ConfigError(f"--dtype {settings.dtype} with several tasks", "fp32 for multi-task artifacts",
                           "drop --dtype (half-precision multi-task export is not implemented)")
     if not 1 <= len(names) <= max_tasks:
-        raise ConfigError(f"{len(names)} tasks", f"1 to {max_tasks}", "pass fewer NAME=DIR pairs or raise max_tasks")
-    check_shared(names, models)
-    banks = stack_tasks(names, [{k: v.numpy() for k, v in task_bank(m).items()} for m in models])
-    multi = build_multitask_model(models[0])
+        raise ConfigError(f"{len(names)} tasks", f"1 to {max_tasks}", "pass fewer NAME=DIR pairs or raise --max-tasks")
+    banks = stack_tasks(names, rows)
+    multi = build_multitask_model(model)
     spec = get_backbone(multi.inner.apt_deploy_state.backbone)
     specs = _input_specs(spec, multi.inner, settings)
+    source = {"model_dir": model_dir} if model_dir else None
     with atomic_directory(out_dir, overwrite=settings.overwrite) as stage:
         with timed_step(f"export {spec.name}/apt with {len(names)} tasks to ONNX"):
             onnx_path = _export(multi, spec, specs, banks, stage / MODEL_NAME, settings, max_tasks)
-        state = models[0].apt_deploy_state
-        manifest = build_manifest(spec, multi.inner, _folded(state), [*specs, task_spec(specs)], onnx_path, settings,
-                                  {"model_dir": model_dir} if model_dir else None)
+        manifest = build_manifest(spec, multi.inner, _folded(model.apt_deploy_state), [*specs, task_spec(specs)],
+                                  onnx_path, settings, source)
         manifest["fused_op"].update(version=OP.version, plugin_version=OP.plugin_version)
-        manifest["inference"] = write_inference_assets(spec, multi.inner, specs, {"model_dir": model_dir} if model_dir
-                                                       else None, stage)
+        manifest["inference"] = write_inference_assets(spec, multi.inner, specs, source, stage)
         bank_file, digest = write_bank(stage, banks, names)
         manifest["tasks"] = tasks_section(names, banks, bank_file, digest, sources or {}, max_tasks)
-        manifest["tasks"]["shared_sha256"] = shared_fingerprint(models[0])
+        manifest["tasks"]["shared_sha256"] = shared_fingerprint(model)
         if settings.validate:
             with timed_step("validate ONNX Runtime vs PyTorch on a mixed-task batch"):
                 manifest["validation"] = {"onnxruntime_vs_torch": validate_mixed(multi, spec, specs, banks, onnx_path,
