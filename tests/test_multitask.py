@@ -220,4 +220,6 @@ def test_bad_tasks_exit_2_with_received_expected_fix(mt, capsys):
     assert "prompt length" in capsys.readouterr().err
     assert main(["add-task", str(root / "single_red"), f"x={short}"]) == 2
     assert "serves one task" in capsys.readouterr().err
+    assert main(["triton-repo", str(mt["multi"]), "--out", str(root / "repo")]) == 2
+    assert "serves 3 tasks" in capsys.readouterr().err
     assert not (root / "never").exists()
