@@ -222,4 +222,19 @@ def test_bad_tasks_exit_2_with_received_expected_fix(mt, capsys):
     assert "serves one task" in capsys.readouterr().err
     assert main(["triton-repo", str(mt["multi"]), "--out", str(root / "repo")]) == 2
     assert "serves 3 tasks" in capsys.readouterr().err
+    assert main(["verify", str(mt["multi"])]) == 2
+    assert "serves 3 tasks" in capsys.readouterr().err
     assert not (root / "never").exists()
+
+
+@pytest.mark.slow
+def test_bench_multitask_smoke(tmp_path):
+    """The measurement script end to end at tiny shapes (numbers meaningless): JSON with every field."""
+    from apt_deploy.experiments.bench_multitask import MIXED, MULTI, SINGLE, main as bench
+
+    out = tmp_path / "multitask.json"
+    assert bench(["--smoke", "--tasks", "3", "--batch", "3", "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["p50_ms"]) == {SINGLE, MULTI, MIXED} and result["parity"]["max_abs"] <= 1e-5
+    assert set(result["memory"]["session_rss_mb"]) == {MULTI, SINGLE, f"3 x {SINGLE}"}
+    assert result["memory"]["disk_bytes"][MULTI] < result["memory"]["disk_bytes"][f"3 x {SINGLE}"]
