@@ -29,6 +29,11 @@ def verify_artifact(artifact_dir: str | Path, model_dir: str | None = None, prom
 
     directory = Path(artifact_dir)
     manifest = read_manifest(directory)
+    if manifest.get("tasks"):  # docs/serving.md "One server, many tasks"
+        raise ConfigError(f"artifact {str(directory)!r} serves {len(manifest['tasks']['names'])} tasks",
+                          "a single-task artifact (verify does not feed the prompt bank)",
+                          "its export validated ONNX Runtime vs PyTorch on a mixed-task batch (manifest "
+                          "\"validation\"); re-export to re-check, or export a task alone and verify that")
     if "components" in manifest:  # Stable Diffusion: one check set per component
         return verify_components(directory, manifest, model_dir, prompts_dir, backend, seed)
     dtype = manifest["dtype"]

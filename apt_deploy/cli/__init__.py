@@ -31,6 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "apt_deploy.cli.import_",
 )
 COMMANDS += ("apt_deploy.cli.generate",)
+COMMANDS += ("apt_deploy.cli.add_task",)
 
 
 def _verbosity_parser(suffix: str) -> argparse.ArgumentParser:

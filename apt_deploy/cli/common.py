@@ -10,15 +10,18 @@ from apt_deploy.errors import ConfigError
 BACKBONE_NAMES = ("vilt", "clip", "meter", "grounding_dino", "sd")  # for --help only; the registry is the source of truth at run time
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, prompts_required: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, prompts_required: bool = True, many_tasks: bool = False) -> None:
+    """``many_tasks``: --prompts also takes NAME=DIR pairs (one artifact serving several tasks, export)."""
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default=None, help="backbone family (default: read from the prompt checkpoint), "
                    f"e.g. {', '.join(BACKBONE_NAMES)}")
     g.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="local directory of the base model (save_pretrained layout); no hub access")
-    g.add_argument("--prompts", required=prompts_required, metavar="PROMPT_DIR",
+    g.add_argument("--prompts", required=prompts_required, metavar="PROMPT_DIR", nargs="+" if many_tasks else None,
                    help="prompt checkpoint directory (apt_config.json + prompts.safetensors)"
-                   + ("" if prompts_required else "; omit it to export the base model alone"))
+                   + ("" if prompts_required else "; omit it to export the base model alone")
+                   + ("; or several NAME=DIR pairs: one artifact serving those APT tasks (docs/serving.md)"
+                      if many_tasks else ""))
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:

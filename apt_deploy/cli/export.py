@@ -11,9 +11,11 @@ HELP = "fold prompts into the model and export ONNX (one fused op per APT module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, prompts_required=False)
+    add_model_arguments(parser, prompts_required=False, many_tasks=True)
     add_output_arguments(parser, "artifact (model.onnx + manifest.json)")
     add_export_arguments(parser)
+    parser.add_argument("--max-tasks", type=int, default=64,
+                        help="with NAME=DIR prompts: the most tasks the artifact's bank inputs accept (default 64)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -31,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_existing(args.out, args.overwrite)
     settings = settings_from_args(args)
+    if isinstance(args.prompts, str):
+        args.prompts = [args.prompts]
+    tasks = task_pairs(args.prompts)
+    if tasks is not None:
+        return _run_multitask(args, tasks, settings)
+    args.prompts = args.prompts[0] if args.prompts else None
     from apt_deploy.pipeline import load_base, load_trained
     from exporters.onnx_export import export_artifact
 
@@ -46,4 +54,34 @@ def run(args: argparse.Namespace) -> int:
     parts = component_dirs(out, read_manifest(out))
     files = ", ".join(f"{name}/model.onnx" for name, _ in parts) if parts else "model.onnx"
     print(f"wrote {out}/{{{files}}} and {out}/manifest.json" if parts else f"wrote {out}/model.onnx and {out}/manifest.json")
+    return 0
+
+
+def task_pairs(prompts: list[str] | None) -> list[tuple[str, str]] | None:
+    """``--prompts NAME=DIR ...`` -> [(name, dir)]; None for the single-task form (one DIR, no ``=``)."""
+    from apt_deploy.errors import ConfigError
+
+    if not prompts or (len(prompts) == 1 and "=" not in prompts[0]):
+        return None
+    pairs = [p.partition("=") for p in prompts]
+    bad = [p for p, (name, eq, path) in zip(prompts, pairs) if not (name and eq and path)]
+    if bad:
+        raise ConfigError(f"--prompts {' '.join(prompts)} (not NAME=DIR: {', '.join(bad)})",
+                          "one PROMPT_DIR, or NAME=DIR pairs for a multi-task artifact",
+                          "write each task as NAME=DIR, e.g. --prompts vqa=runs/vqa colors=runs/colors")
+    return [(name, path) for name, _, path in pairs]
+
+
+def _run_multitask(args: argparse.Namespace, tasks: list[tuple[str, str]], settings) -> int:
+    from pathlib import Path
+
+    from apt_deploy.pipeline import load_trained
+    from exporters.multitask import export_multitask_artifact
+
+    models = [load_trained(args.model, path, args.backbone) for _, path in tasks]
+    sources = {name: str(Path(path).resolve()) for name, path in tasks}
+    out = export_multitask_artifact([n for n, _ in tasks], models, args.out, settings, sources,
+                                    model_dir=str(Path(args.model).resolve()), max_tasks=args.max_tasks)
+    print(f"wrote {out}/model.onnx, {out}/manifest.json and the prompt bank of {len(tasks)} tasks "
+          f"({', '.join(n for n, _ in tasks)})")
     return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apt_deploy.errors import ConfigError, InputPathError
+from apt_deploy.errors import ConfigError, InputPathError, UnknownNameError
 
 NAME = "predict"
 HELP = "predict from an exported artifact: an image (+ a question for VQA) -> top-k labels with scores"
@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--requests", default=None, metavar="FILE.jsonl",
                      help='one request per line: {"image": PATH (relative to the file), "question": TEXT, "id": ...}; '
                           "one JSON result per line out")
+    src.add_argument("--task", default=None, metavar="NAME",
+                     help="task of a multi-task artifact (export --prompts NAME=DIR ...); JSONL requests may carry "
+                          '"task" instead')
     src.add_argument("--text", default=None, help="text prompt (detection artifacts, e.g. grounding_dino)")
     src.add_argument("--threshold", type=float, default=0.3, help="score threshold (detection artifacts; default 0.3)")
     out = parser.add_argument_group("output")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if predictor.needs_question and not args.question:
         raise ConfigError("no --question for a visual question answering artifact", "--question TEXT",
                           'pass e.g. --question "what color is the shape?"')
-    return _print(predictor.predict(args.image, args.question, args.top_k), args.json)
+    return _print(predictor.predict(args.image, args.question, args.top_k, task=args.task), args.json)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -83,9 +86,9 @@ def _run_requests(predictor: Any, args: argparse.Namespace) -> int:
     for start in range(0, len(requests), predictor.max_batch):
         chunk = requests[start:start + predictor.max_batch]
         try:
-            answers: list[Any] = predictor.predict_batch([r["request"] for r in chunk], args.top_k)
-        except (ConfigError, InputPathError):
-            answers = [_one(predictor, r["request"], args.top_k) for r in chunk]
+            answers: list[Any] = predictor.predict_batch([_with_task(r["request"], args.task) for r in chunk], args.top_k)
+        except (ConfigError, InputPathError, UnknownNameError):
+            answers = [_one(predictor, _with_task(r["request"], args.task), args.top_k) for r in chunk]
         for r, a in zip(chunk, answers):
             failed += isinstance(a, str)
             results.append({**r["meta"], **({"error": a} if isinstance(a, str) else {"predictions": a})})
@@ -95,10 +98,15 @@ def _run_requests(predictor: Any, args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _with_task(request: dict[str, Any], task: str | None) -> dict[str, Any]:
+    """--task is the default of requests that carry no "task"."""
+    return request if request.get("task") is not None or task is None else {**request, "task": task}
+
+
 def _one(predictor: Any, request: dict[str, Any], top_k: int) -> Any:
     try:
         return predictor.predict_batch([request], top_k)[0]
-    except (ConfigError, InputPathError) as e:
+    except (ConfigError, InputPathError, UnknownNameError) as e:
         return str(e)
 
 
@@ -120,7 +128,8 @@ def read_requests(path: Path) -> list[dict[str, Any]]:
             raise ConfigError(f"{path.name}:{number} has no \"image\" path", '{"image": PATH, "question": TEXT}',
                               "add the image path")
         meta = {"line": number, **({"id": item["id"]} if "id" in item else {})}
-        out.append({"request": {"image": path.parent / item["image"], "question": item.get("question")}, "meta": meta})
+        request = {"image": path.parent / item["image"], "question": item.get("question"), "task": item.get("task")}
+        out.append({"request": request, "meta": meta})
     return out
 
 

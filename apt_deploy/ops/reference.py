@@ -41,3 +41,11 @@ def fold_constants(
     p64 = prompt.astype(np.float64)
     k = p64 + (p64 @ down.astype(np.float64).T) @ up.astype(np.float64).T
     return k.astype(prompt.dtype), (np.exp(float(log_scale)) * p64).astype(prompt.dtype)
+
+
+def approx_prompt_diffusion_rows(x_in: np.ndarray, o: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Version 2 (per-row prompts): row b uses K[b], V[b]. Shapes [B, n, d], [B, n, d], [B, p, d], [B, p, d]."""
+    x64, o64 = x_in.astype(np.float64), o.astype(np.float64)
+    a = np.maximum(x64 @ np.swapaxes(k.astype(np.float64), -1, -2), 0.0)
+    w = a.max(axis=-1, keepdims=True)
+    return (o64 + w * (a @ v.astype(np.float64))).astype(o.dtype)

@@ -62,3 +62,26 @@ APPROX_PROMPT_DIFFUSION = FusedOpSpec(
         "y = o + w * (A @ V). x_in, o: [B, n, d]; K, V: [p, d] constants; y: [B, n, d]."
     ),
 )
+
+
+# Version 2: per-row K and V, for one artifact that serves many tasks (docs/serving.md "One server, many
+# tasks"). Each folded module gathers its rows from a [T, p, d] bank by the request's task index, then runs
+# this op; the math per row is version 1's.
+APPROX_PROMPT_DIFFUSION_ROWS = FusedOpSpec(
+    domain="apt",
+    onnx_name="ApproxPromptDiffusion",
+    version=2,
+    inputs=("x_in", "o", "K", "V"),
+    outputs=("y",),
+    constant_inputs=(),
+    torch_namespace="apt",
+    torch_name="approx_prompt_diffusion_rows",
+    plugin_namespace="apt",
+    plugin_version="2",
+    dtypes=("float32", "float16", "bfloat16"),
+    doc=(
+        "APT prompt diffusion with per-row prompts (multi-task): A_b = ReLU(x_in_b @ K_b^T); w = max_j A_b; "
+        "y_b = o_b + w * (A_b @ V_b). x_in, o: [B, n, d]; K, V: [B, p, d] (rows of a task bank); y: [B, n, d]."
+    ),
+)
+FUSED_OPS: tuple[FusedOpSpec, ...] = (APPROX_PROMPT_DIFFUSION, APPROX_PROMPT_DIFFUSION_ROWS)

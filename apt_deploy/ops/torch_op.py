@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION as SPEC
+from apt_deploy.ops.schema import APPROX_PROMPT_DIFFUSION_ROWS as ROWS
 
 
 @torch.library.custom_op(SPEC.torch_qualname, mutates_args=())
@@ -30,5 +31,27 @@ def unfused_approx_prompt_diffusion(
 ) -> torch.Tensor:
     """The plain PyTorch sequence (also the baseline the fused GPU kernel is timed against)."""
     a = torch.relu(torch.matmul(x_in, k.transpose(0, 1)))
+    w = a.amax(dim=-1, keepdim=True)
+    return o + w * torch.matmul(a, v)
+
+
+@torch.library.custom_op(ROWS.torch_qualname, mutates_args=())
+def approx_prompt_diffusion_rows(x_in: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Version 2: per-row prompts, K and V [B, p, d] (the rows a multi-task bank gathered for the batch)."""
+    return unfused_approx_prompt_diffusion_rows(x_in, o, k, v)
+
+
+@approx_prompt_diffusion_rows.register_fake
+def _fake_rows(x_in: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    torch._check(x_in.shape == o.shape, lambda: f"x_in {tuple(x_in.shape)} and o {tuple(o.shape)} differ")
+    torch._check(k.shape == v.shape, lambda: f"K {tuple(k.shape)} and V {tuple(v.shape)} differ")
+    return torch.empty_like(o)
+
+
+def unfused_approx_prompt_diffusion_rows(
+    x_in: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Batched matmuls against each row's own K, V."""
+    a = torch.relu(torch.matmul(x_in, k.transpose(-1, -2)))
     w = a.amax(dim=-1, keepdim=True)
     return o + w * torch.matmul(a, v)

@@ -41,6 +41,9 @@ class Predictor:
         assets = check_assets(self.dir, self.manifest)
         self.pre, self.post = Preprocessor(assets), Postprocessor(assets)
         self.input_dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], np.float32) for i in self.manifest["inputs"]}
+        from apt_deploy.serving.tasks import TaskFeed
+
+        self.tasks = TaskFeed(self.dir, self.manifest)  # multi-task artifacts: the prompt bank, read once
         self.max_batch = min(int(i["max_shape"][0]) for i in self.manifest["inputs"])
         self.runner = _make_runner(backend, self.dir, self.manifest, threads, runner_options)
 
@@ -48,17 +51,26 @@ class Predictor:
     def needs_question(self) -> bool:
         return self.pre.needs_question
 
-    def predict(self, image: bytes | str | Path, question: str | None = None, top_k: int = 5) -> list[dict[str, Any]]:
-        return self.predict_batch([{"image": image, "question": question}], top_k)[0]
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks of a multi-task artifact, in bank order (empty for a single-task one)."""
+        return self.tasks.names
+
+    def predict(self, image: bytes | str | Path, question: str | None = None, top_k: int = 5,
+                task: str | int | None = None) -> list[dict[str, Any]]:
+        """``task``: a task name (or bank index) of a multi-task artifact; None for a single-task one."""
+        return self.predict_batch([{"image": image, "question": question, "task": task}], top_k)[0]
 
     def predict_batch(self, requests: Sequence[dict[str, Any]], top_k: int = 5) -> list[list[dict[str, Any]]]:
-        """Requests ``{"image": bytes | path, "question": str}``, run in chunks of the export's max batch."""
+        """Requests ``{"image": bytes | path, "question": str, "task": name}`` (a batch may mix tasks), run in
+        chunks of the export's max batch."""
         out: list[list[dict[str, Any]]] = []
         for chunk in _chunks(list(requests), self.max_batch):
             out += self._run(chunk, top_k)
         return out
 
     def _run(self, requests: list[dict[str, Any]], top_k: int) -> list[list[dict[str, Any]]]:
+        task_feed = self.tasks([r.get("task") for r in requests])  # unknown tasks fail before any work
         images = [read_image(r["image"]) for r in requests]
         questions = [r.get("question") for r in requests] if self.needs_question else None
         try:
@@ -66,6 +78,7 @@ class Predictor:
         except RequestError as e:
             raise ConfigError(str(e)) from e
         feed = {k: v.astype(self.input_dtypes[k]) for k, v in feed.items() if k in self.input_dtypes}
+        feed.update(task_feed)
         logits = np.asarray(self.runner.infer(feed)["logits"], dtype=np.float32)
         labels, scores = self.post(logits, top_k)
         return [[{"label": lab, "score": float(s)} for lab, s in zip(row, srow)] for row, srow in zip(labels, scores)]

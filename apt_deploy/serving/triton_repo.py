@@ -60,6 +60,10 @@ def build_repository(artifacts: dict[str, str | Path], out: str | Path, settings
 def add_artifact(repo: Path, name: str, artifact: Path, settings: TritonRepoSettings) -> dict[str, Any]:
     """The four models of one artifact; returns its entry of ``apt_deploy_repository.json``."""
     manifest = read_manifest(artifact)
+    if manifest.get("tasks"):  # docs/serving.md "One server, many tasks": not done for Triton
+        raise ConfigError(f"artifact {str(artifact)!r} serves {len(manifest['tasks']['names'])} tasks",
+                          "a single-task artifact (triton-repo has no task input and does not feed the prompt bank)",
+                          "serve it with the Predictor (apt-deploy predict --task), or export one artifact per task")
     assets = check_assets(artifact, manifest)
     batch = resolve_max_batch(manifest, settings.max_batch)
     recipe_inputs = request_inputs(manifest)
