@@ -65,3 +65,17 @@ def test_smoke_run_end_to_end(tmp_path):
     png, md = tmp_path / "sd.png", tmp_path / "sd.md"
     assert plot_sd_unet.main([str(out), "--out", str(png), "--markdown", str(md)]) == 0
     assert png.stat().st_size > 10_000 and "APT attn2, p = 64" in md.read_text()
+
+
+def test_select_components_keeps_run_order_and_rejects_unknown_names():
+    from types import SimpleNamespace
+
+    from apt_deploy.errors import ConfigError
+    from exporters.components import select_components
+
+    plans = [SimpleNamespace(name=n) for n in ("text_encoder", "unet", "vae_decoder")]
+    assert select_components(plans, None) == plans
+    assert [p.name for p in select_components(plans, ("vae_decoder", "unet"))] == ["unet", "vae_decoder"]
+    for bad in (("unet", "vae"), ()):
+        with pytest.raises(ConfigError):
+            select_components(plans, bad)
