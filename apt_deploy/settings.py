@@ -63,6 +63,7 @@ class ExportSettings:
     seed: int = 0
     overwrite: bool = False
     external_data: bool | None = None  # None: only when the model is over ~100 MB
+    components: tuple[str, ...] | None = None  # multi-component models (sd): export only these; None: all
 
 
 @dataclass(frozen=True)

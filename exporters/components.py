@@ -26,6 +26,7 @@ from torch import nn
 
 from apt_deploy.backbones import get_backbone
 from apt_deploy.backbones.components import ComponentPlan
+from apt_deploy.errors import ConfigError
 from apt_deploy.fileio import atomic_directory
 from apt_deploy.manifest import MODEL_NAME, write_manifest
 from apt_deploy.progress import timed_step
@@ -51,6 +52,18 @@ def export_components_artifact(model: nn.Module, folded: nn.Module, state: Any, 
         write_manifest(stage, _top_manifest(spec, folded, state, settings, source, entries, assets, stage))
     log.info("wrote %s (%s)", out_dir, ", ".join(e["name"] for e in entries))
     return Path(out_dir)
+
+
+def select_components(plans: list[ComponentPlan], names: tuple[str, ...] | None) -> list[ComponentPlan]:
+    """The plans named in ``names`` (in run order); None: all. An unknown name raises."""
+    if names is None:
+        return plans
+    known = [p.name for p in plans]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"components {list(names)}", f"a non-empty subset of {', '.join(known)}",
+                          "name components this model exports (or pass None for all)")
+    return [p for p in plans if p.name in names]
 
 
 def _training_references(model: nn.Module, folded: nn.Module, spec: Any, settings: ExportSettings) -> dict[str, nn.Module]:

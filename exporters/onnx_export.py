@@ -59,9 +59,13 @@ def export_artifact(model: nn.Module, out_dir: str | Path, settings: ExportSetti
     folded = fold(model) if fold_first and not state.folded else model
     plans = spec.export_components(folded, settings)
     if plans is not None:  # a multi-component model (Stable Diffusion): one ONNX per component
-        from exporters.components import export_components_artifact
+        from exporters.components import export_components_artifact, select_components
 
+        plans = select_components(plans, settings.components)
         return export_components_artifact(model, folded, state, plans, out_dir, settings, source)
+    if settings.components:
+        raise ConfigError(f"components {list(settings.components)} for the single-model backbone {spec.name!r}",
+                          "component selection only for multi-component backbones (sd)", "drop the components setting")
     cast = _cast(folded, settings.dtype)
     module = spec.export_module(cast)
     specs = _input_specs(spec, folded, settings)
