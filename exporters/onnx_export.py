@@ -96,12 +96,13 @@ def export_onnx(module: nn.Module, spec: BackboneSpec, model: nn.Module, specs: 
 
 
 def check_dynamic_axes(path: Path, specs: list[InputSpec]) -> Path:
-    """Fail when an axis declared dynamic came out fixed. When torch.export guards a Dim to the example size,
+    """Fail when an axis declared dynamic (a named axis whose min and max differ) came out fixed. When torch.export guards a Dim to the example size,
     torch.onnx re-exports with that Dim replaced by the constant (its capture strategy "refines" the dynamic
     shapes from the suggested fixes) without an error; ONNX Runtime would only refuse other sizes later."""
     got = {i.name: _axes(i) for i in onnx.load(str(path), load_external_data=False).graph.input}
     fixed = [f"{s.name} axis {i} ({axis!r}) = {got[s.name][i]}" for s in specs if s.name in got
-             for i, axis in enumerate(s.axes) if isinstance(axis, str) and not isinstance(got[s.name][i], str)]
+             for i, axis in enumerate(s.axes) if isinstance(axis, str) and s.min_shape[i] != s.max_shape[i]
+             and not isinstance(got[s.name][i], str)]  # min == max: declared static (_dynamic_shapes)
     if fixed:
         raise ExportError(f"the exported ONNX model has fixed sizes on axes declared dynamic: {'; '.join(fixed)}",
                           "every named axis symbolic in the graph inputs",

@@ -72,6 +72,8 @@ def test_check_dynamic_axes_refuses_a_fixed_batch(tmp_path):
     assert check_dynamic_axes(save("batch"), specs).name == "batch.onnx"
     with pytest.raises(ExportError, match=r"x axis 0 \('batch'\) = 1.*TORCH_LOGS"):
         check_dynamic_axes(save(1), specs)
+    batch_one = [InputSpec("x", "float32", ("batch", 4), (1, 4), (1, 4), (1, 4))]  # --batch 1,1,1: static
+    assert check_dynamic_axes(save(1), batch_one).name == "1.onnx"
 
 
 def _naive_deep_prompt(backbone: str) -> nn.Module:
