@@ -32,8 +32,8 @@ log = logging.getLogger("gate_experiment")
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, vocab_size=30522,
              max_position_embeddings=40, image_size=224, patch_size=32, max_image_length=-1, num_labels=3129)
 CHAIN_WIDTH = 16  # the pixel values are viewed as rows of this width for the planted MatMul chain
-CHAIN_ROWS = 2352  # ... of which the first CHAIN_ROWS rows (a quarter of a 224 px image) go through the chain
-PROBE_STEPS = 24  # a step costs ~0.5 %: the chain length can hit 5 % within a quarter of a point
+CHAIN_ROWS = 1176  # ... of which the first CHAIN_ROWS rows (an eighth of a 224 px image) go through the chain
+PROBE_STEPS = 48  # a step costs ~0.45 %: the chain length can hit 5 % within a quarter of a point
 CALIBRATION = GateSettings(target_half_width=0.003, budget_s=150.0, min_blocks=20)
 
 
