@@ -133,7 +133,10 @@ def experiment(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     settings, gate = BenchSettings(seed=0), GateSettings()
     base = export_base(workdir)
-    steps, calibration = calibrate(base, workdir, settings, args.slowdown)
+    if args.steps:
+        steps, calibration = args.steps, {"steps": args.steps, "given": True}
+    else:
+        steps, calibration = calibrate(base, workdir, settings, args.slowdown)
     planted = plant_slowdown(base, workdir / "planted", steps)
     calibration["outputs_max_abs_diff"] = same_outputs(base, planted)
     check = run_compare(base, planted, settings, CALIBRATION)
@@ -144,6 +147,8 @@ def experiment(args: argparse.Namespace) -> dict[str, Any]:
     with OtherLoadMeter() as other:
         for i in range(args.runs):
             for kind, candidate in (("aa", base), ("planted", planted)):
+                if kind not in args.kinds:
+                    continue
                 r = run_compare(base, candidate, replace(settings, seed=i), gate)
                 example = example or r["_report"]
                 r.pop("_report")
@@ -185,11 +190,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/gate_experiment.json")
     p.add_argument("--runs", type=int, default=20, help="A/A runs and planted runs, each (default 20)")
     p.add_argument("--slowdown", type=float, default=0.05, help="the planted slowdown to calibrate for (default 0.05)")
+    p.add_argument("--steps", type=int, default=None, help="plant this many MatMuls instead of calibrating (still "
+                   "measured by a long compare)")
+    p.add_argument("--kinds", default="aa,planted", help="which runs: aa, planted or both (default aa,planted)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "torch", "transformers", "onnx_ir", "engines", "apt_deploy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
