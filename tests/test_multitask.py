@@ -238,3 +238,100 @@ def test_bench_multitask_smoke(tmp_path):
     assert set(result["p50_ms"]) == {SINGLE, MULTI, MIXED} and result["parity"]["max_abs"] <= 1e-5
     assert set(result["memory"]["session_rss_mb"]) == {MULTI, SINGLE, f"3 x {SINGLE}"}
     assert result["memory"]["disk_bytes"][MULTI] < result["memory"]["disk_bytes"][f"3 x {SINGLE}"]
+
+
+def test_triton_repo_of_a_multi_task_artifact(mt, tmp_path, capsys):
+    """The python model step gets the bank and a per-row ``task`` name; the ensemble takes ``task``; the
+    other backends are refused (they cannot feed the bank)."""
+    pytest.importorskip("tritonclient")
+    from apt_deploy.serving.triton_validate import parse_config
+
+    out = tmp_path / "repo"
+    assert main(["triton-repo", f"mt={mt['multi']}", "--out", str(out), "--backend", "python"]) == 0
+    ensemble, pre, step = (parse_config(out / n / "config.pbtxt") for n in ("mt", "mt_pre", "mt_model"))
+    assert [i.name for i in ensemble.input] == ["image", "question", "task"]
+    assert "task" not in [o.name for o in pre.output]
+    task_in = [i for i in step.input if i.name == "task"][0]
+    assert list(task_in.dims) == [1] and task_in.data_type == 13  # TYPE_STRING: names, mapped in the model step
+    bank = json.loads((mt["multi"] / "manifest.json").read_text())["tasks"]["bank_file"]
+    assert (out / "mt_model" / "1" / bank).is_file()
+    assert main(["triton-repo", f"mt={mt['multi']}", "--out", str(tmp_path / "ort")]) == 2
+    err = capsys.readouterr().err
+    assert "serves 3 tasks" in err and "--backend python" in err and not (tmp_path / "ort").exists()
+
+
+@pytest.fixture(scope="module")
+def mt_server(mt, tmp_path_factory):
+    """``apt-deploy serve`` of the multi-task artifact, as in tests/test_serve.py."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from apt_deploy.features import has, why_missing
+
+    for module in ("pytriton", "tritonclient"):
+        if not has(module):
+            pytest.skip(why_missing(module))
+    from apt_deploy.experiments.serve_loadtest import free_ports
+    from apt_deploy.serving.server import http_ready
+
+    root = Path(__file__).resolve().parents[1]
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("serve_mt") / "triton.log"
+    cmd = [sys.executable, "-m", "apt_deploy", "-q", "serve", str(mt["multi"]), "--name", "mt", "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log", str(log)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{http}", time.monotonic() + 120
+    while not http_ready(url) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    if not http_ready(url):
+        proc.kill()
+        pytest.fail(f"server not ready: {proc.communicate()[0][-3000:]}\n{log.read_text()[-3000:] if log.exists() else ''}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_one_server_answers_mixed_tasks_like_predict(mt, mt_server):
+    """Concurrent requests of different tasks (batched together by Triton) get each task's answer; an unknown
+    task gets a 400 naming the known ones; loadtest needs --task."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from apt_deploy import Predictor
+    from apt_deploy.errors import ConfigError
+    from apt_deploy.serving.loadtest import LoadSettings, default_image, infer_once, run_loadtest
+
+    predictor = Predictor(mt["multi"])
+    requests = [(png_bytes(32, 32, i), "what color?", TASKS[i % 3]) for i in range(18)]
+
+    def ask(req):
+        client = http.InferenceServerClient(mt_server.removeprefix("http://"), network_timeout=60)
+        try:
+            return infer_once(client, "mt", *req)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, requests))
+    for (image, question, task), got in zip(requests, answers):
+        want = predictor.predict(image, question, top_k=5, task=task)
+        assert got["labels"] == [p["label"] for p in want], task
+        np.testing.assert_allclose(got["scores"], [p["score"] for p in want], atol=1e-5)
+    assert len({tuple(a["scores"]) for a in answers[:3]}) == 3  # the tasks really answer differently
+    with pytest.raises(InferenceServerException, match="unknown task 'green'.*blue, count") as e:
+        ask((png_bytes(32, 32), "what color?", "green"))
+    assert e.value.status() == "400"
+    settings = LoadSettings(concurrency=2, requests=8, deadline_s=60)
+    report = run_loadtest(mt_server, "mt", default_image(32), "what color?", settings, task="count")
+    assert report["errors"] == 0 and report["completed"] == 8 and report["task"] == "count"
+    with pytest.raises(ConfigError, match="serves several tasks"):
+        run_loadtest(mt_server, "mt", default_image(32), "what color?", settings)

@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=120.0, metavar="S", help="stop sending after S seconds (default 120)")
     parser.add_argument("--image", default=None, metavar="PATH", help="image to send (default: a 64x64 random PNG)")
     parser.add_argument("--question", default=None, help="question for VQA models (default: a fixed one)")
+    parser.add_argument("--task", default=None, metavar="NAME", help="the task to ask, on a multi-task artifact")
     parser.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report here")
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     check_url(args.url, args.allow_remote)  # refuse a remote host before anything else
     image = _read_image(args.image) if args.image else default_image()
     settings = LoadSettings(concurrency=args.concurrency, requests=args.requests, deadline_s=args.deadline)
-    report = run_loadtest(args.url, args.model, image, args.question, settings, args.allow_remote)
+    report = run_loadtest(args.url, args.model, image, args.question, settings, args.allow_remote, args.task)
     if args.out:
         from apt_deploy.fileio import write_json_atomic
 

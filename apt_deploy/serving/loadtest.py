@@ -70,38 +70,49 @@ def client_module() -> Any:
     return http
 
 
-def infer_once(client: Any, model: str, image: bytes, question: str | None) -> dict[str, Any]:
-    """One request to an apt-deploy ensemble -> {"labels": [...], "scores": [...]} (first row)."""
+def infer_once(client: Any, model: str, image: bytes, question: str | None, task: str | None = None) -> dict[str, Any]:
+    """One request to an apt-deploy ensemble -> {"labels": [...], "scores": [...]} (first row); ``task`` names
+    the task of a multi-task artifact."""
     http = client_module()
     image_in = http.InferInput("image", [1, 1], "BYTES")
     image_in.set_data_from_numpy(np.array([[image]], dtype=np.object_))
     inputs = [image_in]
-    if question is not None:
-        q = http.InferInput("question", [1, 1], "BYTES")
-        q.set_data_from_numpy(np.array([[question.encode("utf-8")]], dtype=np.object_))
-        inputs.append(q)
+    for name, text in (("question", question), ("task", task)):
+        if text is not None:
+            tensor = http.InferInput(name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+            inputs.append(tensor)
     outputs = [http.InferRequestedOutput("labels"), http.InferRequestedOutput("scores")]
     result = client.infer(model, inputs, outputs=outputs)
     return {"labels": [b.decode("utf-8") for b in result.as_numpy("labels")[0]],
             "scores": [float(s) for s in result.as_numpy("scores")[0]]}
 
 
-def model_takes_question(host_port: str, model: str, timeout_s: float) -> bool:
+def model_inputs(host_port: str, model: str, timeout_s: float) -> list[str]:
+    """The names of the served model's inputs (its metadata)."""
     client = client_module().InferenceServerClient(host_port, connection_timeout=timeout_s, network_timeout=timeout_s)
     try:
-        return any(i["name"] == "question" for i in client.get_model_metadata(model)["inputs"])
+        return [i["name"] for i in client.get_model_metadata(model)["inputs"]]
     finally:
         client.close()
 
 
+
 def run_loadtest(url: str, model: str, image: bytes, question: str | None, settings: LoadSettings,
-                 allow_remote: bool = False) -> dict[str, Any]:
-    """Send ``settings.requests`` requests from ``settings.concurrency`` threads (one client each)."""
+                 allow_remote: bool = False, task: str | None = None) -> dict[str, Any]:
+    """Send ``settings.requests`` requests from ``settings.concurrency`` threads (one client each); ``task``
+    names the task on a multi-task model."""
     if settings.concurrency < 1 or settings.requests < 1:
         raise ConfigError(f"concurrency {settings.concurrency}, requests {settings.requests}", "both >= 1")
     host_port = check_url(url, allow_remote)
-    if question is None and model_takes_question(host_port, model, settings.timeout_s):
+    inputs = model_inputs(host_port, model, settings.timeout_s)
+    if question is None and "question" in inputs:
         question = "what color is the shape?"
+    if task is None and "task" in inputs:
+        raise ConfigError(f"model {model!r} serves several tasks and no --task was given", "--task NAME",
+                          "pass --task with one of the artifact's task names (its manifest.json, tasks.names)")
+    if task is not None and "task" not in inputs:
+        raise ConfigError(f"--task {task!r} for model {model!r}, which serves one task", "no --task", "drop --task")
     counter, lock, deadline = iter(range(settings.requests)), threading.Lock(), time.monotonic() + settings.deadline_s
     latencies: list[float] = []
     errors: list[str] = []
@@ -117,7 +128,7 @@ def run_loadtest(url: str, model: str, image: bytes, question: str | None, setti
                         return
                 t0 = time.perf_counter()
                 try:
-                    answer = infer_once(client, model, image, question)
+                    answer = infer_once(client, model, image, question, task)
                 except Exception as e:  # tritonclient raises InferenceServerException, socket errors, ...
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}"[:300])
@@ -132,7 +143,8 @@ def run_loadtest(url: str, model: str, image: bytes, question: str | None, setti
     t0 = time.perf_counter()
     with ThreadPoolExecutor(settings.concurrency) as pool:
         list(pool.map(worker, range(settings.concurrency)))
-    return _report(url, model, question, settings, time.perf_counter() - t0, latencies, errors, answers)
+    report = _report(url, model, question, settings, time.perf_counter() - t0, latencies, errors, answers)
+    return {**report, "task": task} if task is not None else report
 
 
 def _report(url: str, model: str, question: str | None, settings: LoadSettings, seconds: float,

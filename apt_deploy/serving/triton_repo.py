@@ -6,6 +6,10 @@
 * ``NAME_post``   -- python backend: ``logits`` -> top-k ``labels`` (BYTES) and ``scores`` (FP32);
 * ``NAME``        -- the ensemble of the three: ``image`` (+ ``question``) in, ``labels`` + ``scores`` out.
 
+A multi-task artifact (docs/serving.md, "One server, many tasks") also takes ``task`` (the task's name, BYTES,
+per row): the ensemble passes it to the python model step, which maps names to rows of the prompt bank it
+feeds with every batch; one dynamic batch may mix tasks.
+
 Every ``config.pbtxt`` is generated with tritonclient's ``model_config`` protobuf from the manifest and
 validated by re-parsing it plus our own checks (:func:`validate_repository`).
 """
@@ -23,7 +27,8 @@ from apt_deploy.errors import ConfigError, InputPathError, MissingDependencyErro
 from apt_deploy.fileio import atomic_directory, write_bytes_atomic, write_json_atomic
 from apt_deploy.manifest import read_manifest
 from apt_deploy.serving.predict import check_assets
-from apt_deploy.serving.triton_validate import validate_repository
+from apt_deploy.prompt_bank import TASK_INPUT
+from apt_deploy.serving.triton_validate import step_inputs, validate_repository
 from apt_deploy.settings import TritonRepoSettings
 
 log = logging.getLogger(__name__)
@@ -60,10 +65,7 @@ def build_repository(artifacts: dict[str, str | Path], out: str | Path, settings
 def add_artifact(repo: Path, name: str, artifact: Path, settings: TritonRepoSettings) -> dict[str, Any]:
     """The four models of one artifact; returns its entry of ``apt_deploy_repository.json``."""
     manifest = read_manifest(artifact)
-    if manifest.get("tasks"):  # docs/serving.md "One server, many tasks": not done for Triton
-        raise ConfigError(f"artifact {str(artifact)!r} serves {len(manifest['tasks']['names'])} tasks",
-                          "a single-task artifact (triton-repo has no task input and does not feed the prompt bank)",
-                          "serve it with the Predictor (apt-deploy predict --task), or export one artifact per task")
+    _check_tasks(artifact, manifest, settings)
     assets = check_assets(artifact, manifest)
     batch = resolve_max_batch(manifest, settings.max_batch)
     recipe_inputs = request_inputs(manifest)
@@ -77,7 +79,24 @@ def add_artifact(repo: Path, name: str, artifact: Path, settings: TritonRepoSett
     write_config(repo / name, ensemble_config(name, manifest, recipe_inputs, k, batch))
     (repo / name / "1").mkdir(exist_ok=True)  # Triton wants a version directory even for an ensemble
     return {"artifact": str(artifact.resolve()), "max_batch_size": batch, "top_k": k, "model_step": step,
-            "inputs": recipe_inputs, "task": manifest["inference"].get("task")}
+            "inputs": ensemble_inputs(manifest, recipe_inputs), "task": manifest["inference"].get("task"),
+            "tasks": list(manifest["tasks"]["names"]) if manifest.get("tasks") else None}
+
+
+def _check_tasks(artifact: Path, manifest: dict[str, Any], settings: TritonRepoSettings) -> None:
+    """A multi-task artifact needs its prompt bank fed with every batch: only the python model step does that."""
+    if manifest.get("tasks") and settings.backend != "python":
+        raise ConfigError(f"artifact {str(artifact)!r} serves {len(manifest['tasks']['names'])} tasks, "
+                          f"--backend {settings.backend}",
+                          "--backend python (its model step feeds the prompt bank with every batch; Triton's "
+                          "onnxruntime / tensorrt_plan backends cannot, and the TensorRT plugin for op version 2 is "
+                          "not written)", "pass --backend python (apt-deploy serve uses it), or export one artifact "
+                          "per task")
+
+
+def ensemble_inputs(manifest: dict[str, Any], request_inputs: list[str]) -> list[str]:
+    """What a request sends: ``image`` (+ ``question``), + ``task`` (its name) for a multi-task artifact."""
+    return [*request_inputs, TASK_INPUT] if manifest.get("tasks") else list(request_inputs)
 
 
 def request_inputs(manifest: dict[str, Any]) -> list[str]:
@@ -115,7 +134,7 @@ def model_step_config(name: str, manifest: dict[str, Any], settings: TritonRepoS
     else:
         cfg.backend = "python"
         cfg.parameters["intra_op_threads"].string_value = str(settings.intra_op_threads)
-    for i in manifest["inputs"]:
+    for i in step_inputs(manifest):
         cfg.input.add(name=i["name"], data_type=_dtype(i["dtype"]), dims=_dims(i["axes"]))
     for o in manifest["outputs"]:
         cfg.output.add(name=o["name"], data_type=_dtype(o["dtype"]), dims=_dims(o["axes"]))
@@ -132,7 +151,8 @@ def pre_config(name: str, manifest: dict[str, Any], request_inputs: list[str], b
     for n in request_inputs:
         cfg.input.add(name=n, data_type="TYPE_STRING", dims=[1])
     for i in manifest["inputs"]:
-        cfg.output.add(name=i["name"], data_type=_dtype(i["dtype"]), dims=_dims(i["axes"]))
+        if i["name"] != TASK_INPUT or not manifest.get("tasks"):
+            cfg.output.add(name=i["name"], data_type=_dtype(i["dtype"]), dims=_dims(i["axes"]))
     cfg.parameters["max_image_bytes"].string_value = str(settings.max_image_bytes)
     _batching(cfg, settings, batch)
     cfg.instance_group.add(count=settings.instances, kind="KIND_CPU")
@@ -155,12 +175,13 @@ def post_config(name: str, manifest: dict[str, Any], k: int, batch: int, setting
 def ensemble_config(name: str, manifest: dict[str, Any], request_inputs: list[str], k: int, batch: int) -> Any:
     mc = model_config_pb2()
     cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=batch)
-    for n in request_inputs:
+    for n in ensemble_inputs(manifest, request_inputs):
         cfg.input.add(name=n, data_type="TYPE_STRING", dims=[1])
     cfg.output.add(name="labels", data_type="TYPE_STRING", dims=[k])
     cfg.output.add(name="scores", data_type="TYPE_FP32", dims=[k])
     model_inputs = [i["name"] for i in manifest["inputs"]]
-    steps = [(f"{name}_pre", request_inputs, model_inputs), (f"{name}_model", model_inputs, ["logits"]),
+    pre_outputs = [n for n in model_inputs if n != TASK_INPUT or not manifest.get("tasks")]
+    steps = [(f"{name}_pre", request_inputs, pre_outputs), (f"{name}_model", model_inputs, ["logits"]),
              (f"{name}_post", ["logits"], ["labels", "scores"])]
     for model, ins, outs in steps:
         step = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
@@ -222,6 +243,8 @@ def _write_model_step(repo: Path, name: str, artifact: Path, manifest: dict[str,
             shutil.copyfile(path, version / path.name)
         if settings.backend == "python":
             _copy_template("ort_model", version / "model.py")
+        if manifest.get("tasks"):  # the python model step feeds it (checked against bank_sha256 when loaded)
+            shutil.copyfile(artifact / manifest["tasks"]["bank_file"], version / manifest["tasks"]["bank_file"])
     write_json_atomic(version / MANIFEST_COPY, manifest)
     write_config(version.parent, model_step_config(f"{name}_model", manifest, settings, batch))
     return step

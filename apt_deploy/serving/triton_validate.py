@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from apt_deploy.errors import ConfigError, InputPathError
+from apt_deploy.prompt_bank import TASK_INPUT
 
 MODEL_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+
+
+def step_inputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model step's inputs as Triton sees them: the manifest's, except that a multi-task artifact's int64
+    ``task`` ids arrive as task *names* (BYTES [1] per row), which the python model step maps to ids."""
+    if not manifest.get("tasks"):
+        return list(manifest["inputs"])
+    return [{**i, "dtype": "bytes", "axes": [i["axes"][0], 1]} if i["name"] == TASK_INPUT else i
+            for i in manifest["inputs"]]
 
 
 def parse_config(path: Path) -> Any:
@@ -81,7 +91,7 @@ def check_against_manifest(name: str, cfg: Any, manifest: dict[str, Any]) -> lis
 
     mc_types = _type_names()
     problems = []
-    for what, tensors, spec in (("input", cfg.input, manifest["inputs"]), ("output", cfg.output, manifest["outputs"])):
+    for what, tensors, spec in (("input", cfg.input, step_inputs(manifest)), ("output", cfg.output, manifest["outputs"])):
         got = [(t.name, mc_types[t.data_type], list(t.dims)) for t in tensors]
         want = [(s["name"], TRITON_DTYPES.get(s["dtype"], s["dtype"]), [a if isinstance(a, int) else -1 for a in s["axes"][1:]])
                 for s in spec]
