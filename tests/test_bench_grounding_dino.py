@@ -40,13 +40,20 @@ def test_non_square_image_size_from_config():
 
 @pytest.mark.slow  # three tiny Swin exports + ONNX Runtime timing (several minutes; 15 min on the loaded machine)
 def test_smoke_run_writes_rows(tmp_path):
+    """--export-only with the matched parity check (every query pairs with its own position on the tiny
+    model), then --reuse times what it left and writes the rows."""
     from apt_deploy.experiments.bench_grounding_dino import main
 
-    out = tmp_path / "gdino.json"
-    assert main(["--smoke", "--iterations", "2", "--warmup", "1", "--threads", "1", "--max-wait", "0",
-                 "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    out, work = tmp_path / "gdino.json", tmp_path / "work"
+    common = ["--smoke", "--iterations", "2", "--warmup", "1", "--threads", "1", "--max-wait", "0", "--workdir", str(work)]
+    assert main([*common, "--export-only", "--matched-parity", "--keep"]) == 0
+    prepared = json.loads((work / "prepared.json").read_text())
+    for e in prepared["exports"].values():
+        m = e["matched_parity"]
+        assert m["matched_within_atol"] == m["same_position"] == m["queries"] and m["one_to_one"], m
+    assert main([*common, "--reuse", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["base", "sdpt_fold_n4", "sdpt_fold_n16"]
-    assert all(e["ort_vs_torch_max_abs"] is not None for e in result["exports"].values())
+    assert all(e["exact_parity_checked"] is False for e in result["exports"].values())
     assert result["rows"][2]["extra_gmacs"] == 4 * result["rows"][1]["extra_gmacs"]

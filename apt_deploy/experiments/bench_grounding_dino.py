@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     prepared = workdir / PREPARED
     if args.reuse and prepared.is_file():
         log.info("reusing the MAC count and exports in %s", workdir)
-        saved = read_json(prepared)
+        saved = read_json(prepared, "prepared exports", "the JSON an --export-only run wrote into --workdir",
+                          "re-run with --export-only (or without --reuse)")
         base_macs, torch_forward_s, exports = saved["base_macs"], saved["torch_forward_s"], saved["exports"]
     else:
         base_macs, torch_forward_s, exports = prepare_variants(config, args, workdir)
