@@ -262,40 +262,16 @@ def test_triton_repo_of_a_multi_task_artifact(mt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mt_server(mt, tmp_path_factory):
-    """``apt-deploy serve`` of the multi-task artifact, as in tests/test_serve.py."""
-    import os
-    import subprocess
-    import sys
-    import time
-
+    """``apt-deploy serve`` of the multi-task artifact (tests/test_serve.py's helper); yields its HTTP url."""
     from apt_deploy.features import has, why_missing
 
     for module in ("pytriton", "tritonclient"):
         if not has(module):
             pytest.skip(why_missing(module))
-    from apt_deploy.experiments.serve_loadtest import free_ports
-    from apt_deploy.serving.server import http_ready
+    from tests.test_serve import serving
 
-    root = Path(__file__).resolve().parents[1]
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("serve_mt") / "triton.log"
-    cmd = [sys.executable, "-m", "apt_deploy", "-q", "serve", str(mt["multi"]), "--name", "mt", "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log", str(log)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, deadline = f"http://127.0.0.1:{http}", time.monotonic() + 120
-    while not http_ready(url) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-    if not http_ready(url):
-        proc.kill()
-        pytest.fail(f"server not ready: {proc.communicate()[0][-3000:]}\n{log.read_text()[-3000:] if log.exists() else ''}")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with serving(mt["multi"], "mt", tmp_path_factory.mktemp("serve_mt")) as server:
+        yield server["url"]
 
 
 def test_one_server_answers_mixed_tasks_like_predict(mt, mt_server):

@@ -4,6 +4,7 @@ serving, HTTP + gRPC + metrics, and SIGTERM leaves no process behind. Bounded: ~
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,16 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_IMAGE_BYTES = 50_000
 
 
-@pytest.fixture(scope="module")
-def server(vqa_artifact, tmp_path_factory):
-    """``apt-deploy serve`` as a user runs it, in a subprocess; yields (process, http url, grpc address)."""
+@contextlib.contextmanager
+def serving(artifact: Path, name: str, log_dir: Path, *extra: str):
+    """``apt-deploy serve ARTIFACT --name NAME`` as a user runs it, in a subprocess on free loopback ports;
+    yields (process, http url, grpc address, metrics url); killed afterwards."""
     from apt_deploy.serving.server import http_ready
 
     http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "triton.log"
-    cmd = [sys.executable, "-m", "apt_deploy", "-q", "serve", str(vqa_artifact), "--name", "vqa", "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-image-bytes", str(MAX_IMAGE_BYTES),
-           "--log", str(log)]
+    log = log_dir / "triton.log"
+    cmd = [sys.executable, "-m", "apt_deploy", "-q", "serve", str(artifact), "--name", name, "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra, "--log", str(log)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, deadline = f"http://127.0.0.1:{http}", time.monotonic() + 120
@@ -42,10 +43,18 @@ def server(vqa_artifact, tmp_path_factory):
     if not http_ready(url):
         proc.kill()
         pytest.fail(f"server not ready: {proc.communicate()[0][-3000:]}\n{log.read_text()[-3000:] if log.exists() else ''}")
-    yield {"proc": proc, "url": url, "grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield {"proc": proc, "url": url, "grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(vqa_artifact, tmp_path_factory):
+    with serving(vqa_artifact, "vqa", tmp_path_factory.mktemp("serve"), "--max-image-bytes", str(MAX_IMAGE_BYTES)) as s:
+        yield s
 
 
 def _client(server):
