@@ -35,7 +35,7 @@ import multiprocessing
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,21 +152,6 @@ def apt_flops(v: UNetVariant, tokens: dict[str, tuple[int, int]]) -> int:
     return 4 * v.p * sum(n * c for name, (n, c) in tokens.items() if name.rsplit(".", 1)[-1] in kinds)
 
 
-def randomize(model: Any, seed: int = SEED) -> None:
-    """Non-trivial trained values (K != P, e^s != 1): APT up ~ N(0, 0.02), log_scale = 0.1."""
-    import torch
-
-    from apt_deploy.checkpoint import trained_tensors
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained_tensors(model).items():
-            if name.endswith(".log_scale"):
-                p.fill_(0.1)
-            elif name.endswith(".up"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-
-
 def export_settings(cfg: dict[str, Any]) -> Any:
     """Batch 1..2 (CFG: the UNet sees 2 at opt), latent side opt = the config's, min one unit below."""
     from apt_deploy.settings import ExportSettings
@@ -182,6 +167,7 @@ def export_variant(v: UNetVariant, cfg: dict[str, Any], workdir: Path, reuse: bo
     import apt_deploy as ad
     from apt_deploy.cli import setup_logging
     from apt_deploy.backbones.sd import apply_sd_apt
+    from apt_deploy.experiments.bench_variants import randomize
     from apt_deploy.manifest import read_manifest
     from exporters.onnx_export import export_artifact
 
@@ -193,7 +179,7 @@ def export_variant(v: UNetVariant, cfg: dict[str, Any], workdir: Path, reuse: bo
     model = build_model(cfg)
     if v.sites:
         apply_sd_apt(model, ad.APTConfig(prompt_len=v.p, rank=RANK), v.sites)
-        randomize(model)
+        randomize(model, SEED)
     export_artifact(model, out, export_settings(cfg), source={"variant": v.name})
     return {"path": str(out / "unet"), "export_s": round(time.perf_counter() - t0, 1), "export_peak_rss_mb": peak_rss_mb(),
             **checks(read_manifest(out / "unet"))}
