@@ -262,7 +262,7 @@ def test_triton_repo_of_a_multi_task_artifact(mt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mt_server(mt, tmp_path_factory):
-    """``apt-deploy serve`` of the multi-task artifact (tests/test_serve.py's helper); yields its HTTP url."""
+    """``apt-deploy serve`` of the multi-task artifact (tests/test_serve.py's helper)."""
     from apt_deploy.features import has, why_missing
 
     for module in ("pytriton", "tritonclient"):
@@ -271,7 +271,7 @@ def mt_server(mt, tmp_path_factory):
     from tests.test_serve import serving
 
     with serving(mt["multi"], "mt", tmp_path_factory.mktemp("serve_mt")) as server:
-        yield server["url"]
+        yield server
 
 
 def test_one_server_answers_mixed_tasks_like_predict(mt, mt_server):
@@ -279,35 +279,28 @@ def test_one_server_answers_mixed_tasks_like_predict(mt, mt_server):
     task gets a 400 naming the known ones; loadtest needs --task."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
     from apt_deploy import Predictor
     from apt_deploy.errors import ConfigError
-    from apt_deploy.serving.loadtest import LoadSettings, default_image, infer_once, run_loadtest
+    from apt_deploy.serving.loadtest import LoadSettings, default_image, run_loadtest
+    from tests.test_serve import ask
 
     predictor = Predictor(mt["multi"])
     requests = [(png_bytes(32, 32, i), "what color?", TASKS[i % 3]) for i in range(18)]
 
-    def ask(req):
-        client = http.InferenceServerClient(mt_server.removeprefix("http://"), network_timeout=60)
-        try:
-            return infer_once(client, "mt", *req)
-        finally:
-            client.close()
-
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(ask, requests))
+        answers = list(pool.map(lambda req: ask(mt_server, "mt", req), requests))
     for (image, question, task), got in zip(requests, answers):
         want = predictor.predict(image, question, top_k=5, task=task)
         assert got["labels"] == [p["label"] for p in want], task
         np.testing.assert_allclose(got["scores"], [p["score"] for p in want], atol=1e-5)
     assert len({tuple(a["scores"]) for a in answers[:3]}) == 3  # the tasks really answer differently
     with pytest.raises(InferenceServerException, match="unknown task 'green'.*blue, count") as e:
-        ask((png_bytes(32, 32), "what color?", "green"))
+        ask(mt_server, "mt", (png_bytes(32, 32), "what color?", "green"))
     assert e.value.status() == "400"
     settings = LoadSettings(concurrency=2, requests=8, deadline_s=60)
-    report = run_loadtest(mt_server, "mt", default_image(32), "what color?", settings, task="count")
+    report = run_loadtest(mt_server["url"], "mt", default_image(32), "what color?", settings, task="count")
     assert report["errors"] == 0 and report["completed"] == 8 and report["task"] == "count"
     with pytest.raises(ConfigError, match="serves several tasks"):
-        run_loadtest(mt_server, "mt", default_image(32), "what color?", settings)
+        run_loadtest(mt_server["url"], "mt", default_image(32), "what color?", settings)

@@ -63,23 +63,26 @@ def _client(server):
     return http.InferenceServerClient(server["url"].removeprefix("http://"), network_timeout=60)
 
 
+def ask(server, model: str, request: tuple) -> dict:
+    """One request (image, question[, task]) through ``loadtest.infer_once`` on a client of its own."""
+    from apt_deploy.serving.loadtest import infer_once
+
+    client = _client(server)
+    try:
+        return infer_once(client, model, *request)
+    finally:
+        client.close()
+
+
 def test_concurrent_answers_equal_predict(server, vqa_artifact):
     from apt_deploy import Predictor
-    from apt_deploy.serving.loadtest import infer_once
 
     predictor = Predictor(vqa_artifact)
     requests = [(png_bytes(32 + 8 * (i % 3), 32, i), q) for i, q in
                 enumerate(["what color is the shape?", "is it a square?", "which side is the shape on?"] * 8)]
 
-    def ask(req):
-        client = _client(server)
-        try:
-            return infer_once(client, "vqa", *req)
-        finally:
-            client.close()
-
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, requests))
+        answers = list(pool.map(lambda req: ask(server, "vqa", req), requests))
     for (image, question), got in zip(requests, answers):
         want = predictor.predict(image, question, top_k=5)
         assert got["labels"] == [p["label"] for p in want]

@@ -109,35 +109,35 @@ def export(base: Any, tokens: int | None, workdir: Path, text_len: int, validate
     settings = ExportSettings(batch_min=1, batch_opt=1, batch_max=1, text_len=text_len, overwrite=True,
                               validate=validate)
     export_artifact(model, out, settings, source={"variant": variant_name(tokens)})
-    matched = None if validate else matched_parity(model, out, text_len)
+    manifest = read_manifest(out)
+    matched = None if validate else matched_parity(model, out, [i["name"] for i in manifest["inputs"]], text_len)
     del model
     gc.collect()
     return {"path": str(out), "export_s": round(time.perf_counter() - t0, 1),
-            "process_peak_rss_mb": round(peak_rss_mb(), 1), **_parity(read_manifest(out)),
+            "process_peak_rss_mb": round(peak_rss_mb(), 1), **_parity(manifest),
             "exact_parity_checked": validate, "matched_parity": matched}
 
 
-def matched_parity(model: Any, artifact: Path, text_len: int, seed: int = 0) -> dict[str, Any]:
+def matched_parity(model: Any, artifact: Path, inputs: list[str], text_len: int, seed: int = 0) -> dict[str, Any]:
     """ORT vs PyTorch with the queries matched: the two-stage top-k picks 900 of ~22k proposals *in score
     order*, and at this size near-tied scores reorder (or swap at the boundary) under fp32 reordering noise
     (docs/pitfalls.md). Each ORT query is paired with the PyTorch query nearest in (boxes, finite logits);
-    returns how many pairs agree within the export tolerance and the largest difference among them."""
+    ``inputs``: the artifact's input names (its manifest). Returns how many pairs agree within the export
+    tolerance and the largest difference among them."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     from apt_deploy.backbones import get_backbone
     from apt_deploy.backbones.registry import ShapeSettings
-    from apt_deploy.manifest import read_manifest
     from apt_deploy.settings import tolerance
 
     spec = get_backbone("grounding_dino")
     feed = spec.dummy_inputs(model, spec.input_specs(model, ShapeSettings(batch=(1, 1, 1), text_len=text_len)), "opt", seed)
     with torch.no_grad():
         ref = model(**feed)
-    names = [i["name"] for i in read_manifest(artifact)["inputs"]]
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = dict(zip(["logits", "pred_boxes"], session.run(["logits", "pred_boxes"], {n: feed[n].numpy() for n in names})))
+    got = dict(zip(["logits", "pred_boxes"], session.run(["logits", "pred_boxes"], {n: feed[n].numpy() for n in inputs})))
     vec = [np.concatenate([np.nan_to_num(o["logits"][0], neginf=-1e4), o["pred_boxes"][0]], axis=1)
            for o in (got, {"logits": ref.logits.numpy(), "pred_boxes": ref.pred_boxes.numpy()})]
     dist = np.abs(vec[0][:, None, :] - vec[1][None, :, :]).max(axis=2)  # [900 ORT, 900 torch]

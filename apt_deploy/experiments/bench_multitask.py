@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(summary(report), memory=memory(workdir, args.tasks, args.batch, args.threads), bench=report,
                   total_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(args.out, result)
-    print(f"mixed / single p50 = {result['ratio_vs_single'][MIXED]:.3f}, one task / single = "
-          f"{result['ratio_vs_single'][MULTI]:.3f}; wrote {args.out}")
+    log.info("mixed / single p50 = %.3f, one task / single = %.3f; wrote %s", result["ratio_vs_single"][MIXED],
+             result["ratio_vs_single"][MULTI], args.out)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -99,6 +99,12 @@ def ensemble_inputs(manifest: dict[str, Any], request_inputs: list[str]) -> list
     return [*request_inputs, TASK_INPUT] if manifest.get("tasks") else list(request_inputs)
 
 
+def pre_outputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model inputs the pre step computes: all of them, except a multi-task artifact's ``task`` (the request's
+    own input, passed straight to the model step)."""
+    return [i for i in manifest["inputs"] if i["name"] != TASK_INPUT or not manifest.get("tasks")]
+
+
 def request_inputs(manifest: dict[str, Any]) -> list[str]:
     """The ensemble's inputs: ``image`` (+ ``question`` for VQA), as the artifact's inference section says."""
     inputs = manifest["inference"].get("request_inputs")
@@ -150,9 +156,8 @@ def pre_config(name: str, manifest: dict[str, Any], request_inputs: list[str], b
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=batch)
     for n in request_inputs:
         cfg.input.add(name=n, data_type="TYPE_STRING", dims=[1])
-    for i in manifest["inputs"]:
-        if i["name"] != TASK_INPUT or not manifest.get("tasks"):
-            cfg.output.add(name=i["name"], data_type=_dtype(i["dtype"]), dims=_dims(i["axes"]))
+    for i in pre_outputs(manifest):
+        cfg.output.add(name=i["name"], data_type=_dtype(i["dtype"]), dims=_dims(i["axes"]))
     cfg.parameters["max_image_bytes"].string_value = str(settings.max_image_bytes)
     _batching(cfg, settings, batch)
     cfg.instance_group.add(count=settings.instances, kind="KIND_CPU")
@@ -180,8 +185,8 @@ def ensemble_config(name: str, manifest: dict[str, Any], request_inputs: list[st
     cfg.output.add(name="labels", data_type="TYPE_STRING", dims=[k])
     cfg.output.add(name="scores", data_type="TYPE_FP32", dims=[k])
     model_inputs = [i["name"] for i in manifest["inputs"]]
-    pre_outputs = [n for n in model_inputs if n != TASK_INPUT or not manifest.get("tasks")]
-    steps = [(f"{name}_pre", request_inputs, pre_outputs), (f"{name}_model", model_inputs, ["logits"]),
+    steps = [(f"{name}_pre", request_inputs, [i["name"] for i in pre_outputs(manifest)]),
+             (f"{name}_model", model_inputs, ["logits"]),
              (f"{name}_post", ["logits"], ["labels", "scores"])]
     for model, ins, outs in steps:
         step = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
